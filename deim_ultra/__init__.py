@@ -1,0 +1,7 @@
+"""deim-ultra: DEIM real-time DETR (CVPR 2025) for the Ultralytics ecosystem."""
+
+from deim_ultra.convert import convert_official
+from deim_ultra.model import DEIM
+
+__version__ = "0.1.0"
+__all__ = ["DEIM", "convert_official", "__version__"]

@@ -1,0 +1,53 @@
+"""Configuration shipped with deim-ultra: model YAMLs, dataset YAMLs and the DEIM default settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from ultralytics.utils import DEFAULT_CFG_DICT, YAML
+
+CFG_DIR = Path(__file__).resolve().parent
+DEIM_DEFAULTS: dict = YAML.load(CFG_DIR / "default.yaml")
+DEIM_CFG_DICT: dict = {**DEFAULT_CFG_DICT, **DEIM_DEFAULTS}
+
+
+def _resolve(name: str | Path, folder: Path, kind: str) -> Path:
+    """Return `name` as given if it exists, else the file of that name shipped in `folder`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = folder / path.name
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.name for p in folder.glob("*.yaml")))
+    raise FileNotFoundError(f"{kind} '{name}' not found, neither as a path nor among the shipped ones: {known}")
+
+
+def resolve_model_yaml(name: str | Path) -> Path:
+    """Path of a model YAML: a file on disk, or a shipped name such as 'deim-s.yaml'."""
+    return _resolve(name, CFG_DIR, "Model YAML")
+
+
+def resolve_data_yaml(name: str | Path) -> str | Path:
+    """Path of a dataset YAML: a shipped name such as 'deepforest.yaml' if no such file exists locally.
+
+    Anything else (a local file, a directory, an Ultralytics dataset name) is returned unchanged for Ultralytics to
+    resolve and to report on.
+    """
+    path = Path(str(name))
+    if path.suffix in {".yaml", ".yml"} and not path.exists() and (CFG_DIR / "datasets" / path.name).is_file():
+        return CFG_DIR / "datasets" / path.name
+    return name
+
+
+def ultralytics_args(args: SimpleNamespace | dict) -> dict:
+    """The subset of `args` that Ultralytics' own validator and predictor accept (no DEIM-only keys)."""
+    items = vars(args) if isinstance(args, SimpleNamespace) else dict(args)
+    return {k: v for k, v in items.items() if k not in DEIM_DEFAULTS}
+
+
+def deim_arg(args: SimpleNamespace | dict | None, key: str):
+    """Value of DEIM setting `key` in `args` (namespace or dict), falling back to the shipped default."""
+    items = vars(args) if isinstance(args, SimpleNamespace) else (args or {})
+    return items.get(key, DEIM_DEFAULTS[key])

@@ -1,0 +1,92 @@
+"""`deim` command line: Ultralytics' `yolo` key=value syntax for DEIM models.
+
+    deim train model=deim-n.yaml data=deepforest.yaml epochs=72 imgsz=640
+    deim val model=runs/detect/train/weights/best.pt
+    deim predict model=best.pt source=image.jpg
+    deim export model=best.pt format=onnx
+    deim convert weights=deim_dfine_hgnetv2_s_coco.pth model=deim-s.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ultralytics.cfg import check_dict_alignment, merge_equals_args, parse_key_value_pair
+from ultralytics.utils import ASSETS, LOGGER
+
+from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT
+
+MODES = ("train", "val", "predict", "export")
+CONVERT_KEYS = {"weights": None, "model": "deim-n.yaml"}
+HELP = f"""Usage: deim MODE key=value ...
+
+  MODE     one of {", ".join(MODES)}, convert, help
+  keys     any Ultralytics setting (see `yolo cfg`) plus the DEIM settings below
+
+  deim train model=deim-n.yaml data=deepforest.yaml epochs=72 imgsz=640
+  deim val model=runs/detect/train/weights/best.pt
+  deim predict model=best.pt source=image.jpg
+  deim export model=best.pt format=onnx
+  deim convert weights=official.pth model=deim-s.yaml   # writes official.pt, loadable with DEIM()
+
+DEIM settings ({CFG_DIR / "default.yaml"}):
+"""
+
+
+def parse(argv: list[str]) -> tuple[str, dict]:
+    """Split `MODE key=value ...` into the mode and a dict of typed values, validated like `yolo` does.
+
+    Raises:
+        SyntaxError: For an unknown key (with Ultralytics' "similar arguments" hint) or a bare word.
+    """
+    mode, *pairs = merge_equals_args(argv)
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SyntaxError(f"'{pair}' is missing '=': arguments are key=value pairs, e.g. epochs=10")
+        key, value = parse_key_value_pair(pair)
+        overrides[key] = value
+    check_dict_alignment(CONVERT_KEYS if mode == "convert" else DEIM_CFG_DICT, overrides)
+    return mode, overrides
+
+
+def run(mode: str, overrides: dict) -> None:
+    """Carry out one command."""
+    if mode == "convert":
+        from deim_ultra.convert import convert_official_file
+
+        convert_official_file(**{**CONVERT_KEYS, **overrides})
+        return
+    from deim_ultra.model import DEIM
+
+    model = DEIM(overrides.pop("model", "deim-n.yaml"))
+    if mode == "predict" and "source" not in overrides:
+        overrides["source"] = ASSETS
+        LOGGER.warning(f"'source' is missing; predicting on the sample images in {ASSETS}")
+    getattr(model, mode)(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `deim` console script; returns the process exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"help", "-h", "--help"}:
+        print(HELP + (CFG_DIR / "default.yaml").read_text())
+        return 0
+    if argv[0] not in (*MODES, "convert"):
+        LOGGER.error(f"Unknown mode '{argv[0]}'. Valid modes: {', '.join(MODES)}, convert, help")
+        return 2
+    try:
+        mode, overrides = parse(argv)
+    except SyntaxError as e:
+        LOGGER.error(str(e))
+        return 2
+    try:
+        run(mode, overrides)
+    except (FileNotFoundError, TypeError, ValueError) as e:
+        LOGGER.error(f"deim {mode} failed: {type(e).__name__}: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Convert the authors' DEIM / D-FINE checkpoints (`.pth`) into deim-ultra models.
+
+Official state dicts group keys as `backbone.stem.*`, `backbone.stages.<i>.*`, `encoder.*` and `decoder.*`. Our
+modules keep the official names below those prefixes, so conversion is a prefix replacement: each official prefix
+becomes the `model.<layer index>.` of the YAML layer of the matching type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from ultralytics.utils import LOGGER, ROOT, YAML
+
+from deim_ultra.model import DEIM
+from deim_ultra.nn.decoder import DFINEDecoder
+from deim_ultra.nn.encoder import HybridEncoder
+from deim_ultra.nn.hgnetv2 import HGStage, HGStem
+from deim_ultra.nn.tasks import DEIMDetectionModel
+
+# Present only when a checkpoint was saved with denoising on; the model initialises it itself otherwise.
+TRAINING_ONLY_KEYS = ("decoder.denoising_class_embed.weight",)
+
+
+def load_official_state_dict(src: str | Path | dict) -> dict[str, torch.Tensor]:
+    """Return the model state dict of an official checkpoint, preferring its EMA weights.
+
+    Args:
+        src (str | Path | dict): A `.pth` path (loaded with `weights_only=True`), a checkpoint dict holding `model`
+            and/or `ema.module`, or a raw state dict.
+    """
+    ckpt = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, Path)) else src
+    if "ema" in ckpt:
+        return ckpt["ema"]["module"]
+    if "model" in ckpt:
+        return ckpt["model"]
+    if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"'{src}' holds neither 'model' nor 'ema' weights nor a state dict; keys: {list(ckpt)[:8]}")
+    return ckpt
+
+
+def official_prefixes(model: DEIMDetectionModel) -> dict[str, str]:
+    """Map each official key prefix to the prefix of the layer of `model` that holds those weights."""
+    prefixes = {}
+    stages = 0
+    for m in model.model:
+        if isinstance(m, HGStem):
+            prefixes["backbone.stem."] = f"model.{m.i}."
+        elif isinstance(m, HGStage):
+            prefixes[f"backbone.stages.{stages}."] = f"model.{m.i}."
+            stages += 1
+        elif isinstance(m, HybridEncoder):
+            prefixes["encoder."] = f"model.{m.i}."
+        elif isinstance(m, DFINEDecoder):
+            prefixes["decoder."] = f"model.{m.i}."
+    return prefixes
+
+
+def rename_official_key(key: str, prefixes: dict[str, str]) -> str | None:
+    """Our name for official `key`, or None when no official prefix matches it."""
+    prefix = next((p for p in prefixes if key.startswith(p)), None)
+    return None if prefix is None else prefixes[prefix] + key[len(prefix) :]
+
+
+def map_official_keys(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> tuple[dict, list[str]]:
+    """Rename official keys by prefix; return the renamed dict and the keys no prefix matched."""
+    mapped, unmatched = {}, []
+    for key, value in state.items():
+        name = rename_official_key(key, prefixes)
+        if name is None:
+            unmatched.append(key)
+        else:
+            mapped[name] = value
+    return mapped, unmatched
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    """Keys for an error message: the first `limit`, then a count."""
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_official_weights(model: DEIMDetectionModel, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Load an official state dict into `model` strictly, naming every missing or unexpected key.
+
+    Raises:
+        ValueError: When keys are missing (other than training-only ones), unexpected, or of the wrong shape.
+    """
+    prefixes = official_prefixes(model)
+    mapped, unmatched = map_official_keys(state, prefixes)
+    optional = {rename_official_key(k, prefixes) for k in TRAINING_ONLY_KEYS}
+    try:
+        missing, unexpected = model.load_state_dict(mapped, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{source} does not fit {model.yaml.get('yaml_file', 'this model YAML')}: {e}") from e
+    required = [k for k in missing if k not in optional]
+    unexpected = unmatched + list(unexpected)
+    if required or unexpected:
+        raise ValueError(
+            f"{source} does not match {model.yaml.get('yaml_file', 'the model YAML')} (is it another size?).\n"
+            f"Missing keys ({len(required)}): {_listing(required)}\nUnexpected keys ({len(unexpected)}): "
+            f"{_listing(unexpected)}"
+        )
+    for key in sorted(set(missing) & optional):
+        LOGGER.info(f"{source}: '{key}' absent (training-only), keeping its random initialisation")
+
+
+def convert_official(src: str | Path | dict, model: str | Path = "deim-n.yaml") -> DEIM:
+    """Build a DEIM model from an official DEIM / D-FINE checkpoint.
+
+    Args:
+        src (str | Path | dict): Official `.pth` path, checkpoint dict (`model` or `ema.module`), or state dict.
+        model (str | Path): Model YAML of the checkpoint's size, e.g. 'deim-s.yaml' (a D-FINE checkpoint needs a
+            YAML whose decoder uses ReLU).
+
+    Returns:
+        (DEIM): The model with the official weights, class count taken from the checkpoint (COCO names for 80).
+    """
+    state = load_official_state_dict(src)
+    deim = DEIM(model)
+    nc = state["decoder.enc_score_head.weight"].shape[0] if "decoder.enc_score_head.weight" in state else None
+    if nc and nc != deim.model.yaml["nc"]:
+        deim.model = DEIMDetectionModel(deim.model.yaml, nc=nc, verbose=False)
+        deim.model.args, deim.model.task = deim.overrides, "detect"
+    source = f"'{src}'" if isinstance(src, (str, Path)) else "state dict"
+    load_official_weights(deim.model, state, source)
+    if deim.model.yaml["nc"] == 80:
+        deim.model.names = YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"]
+    deim.model.eval()
+    return deim
+
+
+def convert_official_file(weights: str | Path, model: str | Path = "deim-n.yaml") -> Path:
+    """Convert an official `.pth` file and save it beside the current directory as `<name>.pt` for `DEIM()`."""
+    if weights is None:
+        raise ValueError("Give the official checkpoint: deim convert weights=path/to/official.pth model=deim-s.yaml")
+    out = Path(Path(weights).stem + ".pt")
+    convert_official(weights, model).save(out)
+    LOGGER.info(f"Converted '{weights}' ({model}) -> '{out.resolve()}'; load it with DEIM('{out}')")
+    return out

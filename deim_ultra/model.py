@@ -1,0 +1,87 @@
+"""`DEIM`: the user-facing model class, wiring DEIM's model and trainer to Ultralytics' validator and predictor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ultralytics.engine.model import Model
+from ultralytics.models.rtdetr.predict import RTDETRPredictor
+from ultralytics.models.rtdetr.val import RTDETRValidator
+
+from deim_ultra.cfg import resolve_data_yaml, resolve_model_yaml
+from deim_ultra.nn.tasks import DEIMDetectionModel
+from deim_ultra.train import DEIMTrainer
+
+
+def mark_rtdetr_head(exporter) -> None:
+    """Export callback: record the head as RT-DETR's, whose output format DEIM's decoder keeps.
+
+    Stock Ultralytics picks its RT-DETR pipeline (opset, predictor, post-processing) by this metadata field, so
+    `RTDETR("best.onnx")` and `yolo predict model=best.onnx` decode DEIM exports correctly.
+    """
+    exporter.metadata["head"] = "RTDETRDecoder"
+
+
+class DEIM(Model):
+    """DEIM real-time DETR (DEIM-D-FINE, CVPR 2025) with the Ultralytics train/val/predict/export interface.
+
+    Examples:
+        >>> from deim_ultra import DEIM
+        >>> model = DEIM("deim-n.yaml")  # or a trained / converted checkpoint: DEIM("best.pt")
+        >>> model.train(data="deepforest.yaml", epochs=72, imgsz=640)
+        >>> model.predict("image.jpg")
+        >>> model.export(format="onnx")
+    """
+
+    def __init__(self, model: str | Path = "deim-n.yaml", verbose: bool = False) -> None:
+        """Build a model from a DEIM YAML (a path or a shipped name) or load a DEIM checkpoint or export.
+
+        Args:
+            model (str | Path): `deim-{n,s,m,l,x}.yaml`, a `.pt` DEIM checkpoint, or an exported model (`.onnx`, ...).
+            verbose (bool): Log the model summary.
+        """
+        if Path(str(model)).suffix == ".pth":
+            raise ValueError(
+                f"'{model}' looks like an official DEIM checkpoint: convert it first with "
+                f"`deim convert weights={model} model=deim-<size>.yaml` or `deim_ultra.convert_official()`."
+            )
+        super().__init__(model=model, task="detect", verbose=verbose)
+        self.add_callback("on_export_start", mark_rtdetr_head)
+
+    @property
+    def task_map(self) -> dict[str, dict[str, Any]]:
+        """DEIM's model and trainer, Ultralytics' RT-DETR validator and predictor."""
+        return {
+            "detect": {
+                "model": DEIMDetectionModel,
+                "trainer": DEIMTrainer,
+                "validator": RTDETRValidator,
+                "predictor": RTDETRPredictor,
+            }
+        }
+
+    def _new(self, cfg: str, task: str | None = None, verbose: bool = False) -> None:
+        """Build from a YAML, resolving shipped names such as 'deim-s.yaml' first."""
+        super()._new(str(resolve_model_yaml(cfg)), task=task, verbose=verbose)
+
+    def _load(self, weights: str, task: str | None = None) -> None:
+        """Load a checkpoint or export, refusing `.pt` files that do not hold a DEIM model."""
+        super()._load(weights, task=task)
+        if str(weights).endswith(".pt") and not isinstance(self.model, DEIMDetectionModel):
+            raise TypeError(
+                f"'{weights}' holds a {type(self.model).__name__}, not a DEIM model. Load it with the Ultralytics "
+                "class it was trained with (e.g. ultralytics.YOLO), or train a DEIM model from 'deim-n.yaml'."
+            )
+
+    def train(self, trainer=None, **kwargs: Any):
+        """Train, accepting shipped dataset names such as `data="deepforest.yaml"`; see Ultralytics' `Model.train`."""
+        if "data" in kwargs:
+            kwargs["data"] = resolve_data_yaml(kwargs["data"])
+        return super().train(trainer=trainer, **kwargs)
+
+    def val(self, validator=None, **kwargs: Any):
+        """Validate, accepting shipped dataset names; see Ultralytics' `Model.val`."""
+        if "data" in kwargs:
+            kwargs["data"] = resolve_data_yaml(kwargs["data"])
+        return super().val(validator=validator, **kwargs)

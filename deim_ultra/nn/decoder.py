@@ -1,0 +1,630 @@
+"""D-FINE decoder head (as used by DEIM), packaged as an Ultralytics RT-DETR head.
+
+Pipeline: flattened multi-level memory -> query selection (top-k encoder proposals around fixed anchors) -> decoder
+layers (self-attention, deformable cross-attention with a gate, FFN) that refine boxes by fine-grained distribution
+refinement (FDR) relative to the first layer's box -> class logits plus the LQE quality score.
+
+Module attribute names reproduce the official checkpoint keys below `decoder.` (e.g. `decoder.layers.0.gateway.gate`,
+`dec_bbox_head.2.layers.1`, `enc_output.proj`), so official weights load by stripping that prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+from ultralytics.models.utils.ops import get_cdn_group
+from ultralytics.nn.modules.head import Detect, RTDETRDecoder
+from ultralytics.nn.modules.transformer import MLP
+from ultralytics.nn.modules.utils import bias_init_with_prob, inverse_sigmoid
+
+from deim_ultra.nn.deformable_attention import MSDeformableAttention, split_value
+from deim_ultra.nn.fdr import LQE, distance_to_box, distribution_to_distance, weighting_function
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class Gate(nn.Module):
+    """Gated residual: sigmoid(Linear([x1, x2])) weights each input per channel, then LayerNorm.
+
+    Attributes:
+        gate (nn.Linear): 2C -> 2C gate logits, zero weight and logit(0.5) bias so both inputs start at weight 0.5.
+        norm (nn.LayerNorm): Output normalisation over C.
+    """
+
+    def __init__(self, dim: int):
+        """Create the gate for width `dim`."""
+        super().__init__()
+        self.gate = nn.Linear(2 * dim, 2 * dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, bias_init_with_prob(0.5))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Mix (B, Q, C) `x1` (the residual stream) and (B, Q, C) `x2` (the cross-attention output) into (B, Q, C)."""
+        g1, g2 = self.gate(torch.cat([x1, x2], -1)).sigmoid().chunk(2, -1)
+        return self.norm(g1 * x1 + g2 * x2)
+
+
+class DFINEDecoderLayer(nn.Module):
+    """One decoder layer: self-attention + post-norm, deformable cross-attention + gate, FFN + residual + norm.
+
+    Attributes:
+        self_attn (nn.MultiheadAttention): Query self-attention (batch first).
+        norm1 (nn.LayerNorm): Post-norm of the self-attention residual.
+        cross_attn (MSDeformableAttention): Deformable attention into the memory.
+        gateway (Gate): Mixes the residual stream with the cross-attention output.
+        linear1, linear2 (nn.Linear): FFN C -> ffn_dim -> C.
+        act (nn.Module): FFN activation.
+        norm3 (nn.LayerNorm): Post-norm of the FFN residual.
+    """
+
+    def __init__(self, hidden_dim: int, nhead: int, ffn_dim: int, num_points: list[int], act: type[nn.Module]):
+        """Create a layer.
+
+        Args:
+            hidden_dim (int): Query width C.
+            nhead (int): Attention heads (self- and cross-attention).
+            ffn_dim (int): FFN hidden width.
+            num_points (list[int]): Deformable sampling points per memory level.
+            act (type[nn.Module]): FFN activation class.
+        """
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(hidden_dim, nhead, batch_first=True)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.cross_attn = MSDeformableAttention(hidden_dim, nhead, num_points)
+        self.gateway = Gate(hidden_dim)
+        self.linear1 = nn.Linear(hidden_dim, ffn_dim)
+        self.act = act()
+        self.linear2 = nn.Linear(ffn_dim, hidden_dim)
+        self.norm3 = nn.LayerNorm(hidden_dim)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        reference: torch.Tensor,
+        value: list[torch.Tensor],
+        pos: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Refine the queries.
+
+        Args:
+            target (torch.Tensor): (B, Q, C) query content.
+            reference (torch.Tensor): (B, Q, 4) reference boxes, normalised cx, cy, w, h.
+            value (list[torch.Tensor]): Per-level, per-head memory maps from `split_value`.
+            pos (torch.Tensor): (B, Q, C) query position embedding, added to queries and keys but not to values.
+            attn_mask (torch.Tensor, optional): (Q, Q) bool self-attention mask, True = may not attend.
+
+        Returns:
+            (torch.Tensor): (B, Q, C) refined query content.
+        """
+        q = target + pos
+        target = self.norm1(target + self.self_attn(q, q, target, attn_mask=attn_mask, need_weights=False)[0])
+        target = self.gateway(target, self.cross_attn(target + pos, reference, value))
+        target = target + self.linear2(self.act(self.linear1(target)))
+        return self.norm3(target.clamp(min=-65504, max=65504))  # keep float16 finite before the norm
+
+
+class DecoderStates(NamedTuple):
+    """Per-layer predictions of `DFINETransformerDecoder`, one list entry per reported layer.
+
+    Attributes:
+        logits (list[torch.Tensor]): (B, Q, nc) class logits incl. the LQE score.
+        boxes (list[torch.Tensor]): (B, Q, 4) boxes, normalised cx, cy, w, h.
+        corners (list[torch.Tensor]): (B, Q, 4 * (reg_max + 1)) edge-bin logits.
+        refs (list[torch.Tensor]): (B, Q, 4) initial reference boxes the corners are decoded against (detached).
+        pre_logits (torch.Tensor | None): (B, Q, nc) first-layer class logits without LQE (training only).
+        pre_boxes (torch.Tensor): (B, Q, 4) first-layer boxes from the pre-head, normalised cx, cy, w, h.
+    """
+
+    logits: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    corners: list[torch.Tensor]
+    refs: list[torch.Tensor]
+    pre_logits: torch.Tensor | None
+    pre_boxes: torch.Tensor
+
+
+class DFINEHeads(NamedTuple):
+    """The head-owned modules the layer stack calls (kept on the head to match the official key layout)."""
+
+    query_pos_head: nn.Module
+    pre_bbox_head: nn.Module
+    dec_score_head: nn.ModuleList
+    dec_bbox_head: nn.ModuleList
+
+
+class DFINETransformerDecoder(nn.Module):
+    """The decoder layer stack with FDR box refinement and LQE (official key prefix `decoder.decoder.`).
+
+    Attributes:
+        layers (nn.ModuleList): Decoder layers; those past `eval_idx` are training-only.
+        lqe_layers (nn.ModuleList): One LQE per layer.
+        up (nn.Parameter): (1,) frozen weighting-function bound scale, shared with the head.
+        reg_scale (nn.Parameter): (1,) frozen offset scale, shared with the head.
+        reg_max (int): Index of the last distribution bin.
+        eval_idx (int): Non-negative index of the layer reported in eval mode.
+        nhead (int): Attention heads.
+    """
+
+    def __init__(
+        self,
+        layer: DFINEDecoderLayer,
+        num_layers: int,
+        eval_idx: int,
+        reg_max: int,
+        up: nn.Parameter,
+        reg_scale: nn.Parameter,
+        nhead: int,
+        act: type[nn.Module],
+    ):
+        """Create the stack from `num_layers` copies of `layer`; `up`/`reg_scale` are the head's shared parameters."""
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.lqe_layers = nn.ModuleList(LQE(reg_max, act=act) for _ in range(num_layers))
+        self.up = up
+        self.reg_scale = reg_scale
+        self.reg_max = reg_max
+        self.eval_idx = eval_idx
+        self.nhead = nhead
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        ref_logits: torch.Tensor,
+        memory: torch.Tensor,
+        shapes: list[list[int]],
+        heads: DFINEHeads,
+        attn_mask: torch.Tensor | None = None,
+    ) -> DecoderStates:
+        """Run the layers.
+
+        Layer i predicts corners_i = bbox_head_i(out_i + out_{i-1}.detach()) + corners_{i-1} (the previous corners
+        keep their gradient) and decodes them against the detached first-layer box, which the pre-head predicts
+        relative to the selected proposals. Each layer's box (detached) is the next layer's reference.
+
+        Args:
+            target (torch.Tensor): (B, Q, C) initial query content (detached top-k memory, denoising queries first).
+            ref_logits (torch.Tensor): (B, Q, 4) initial reference boxes in logit space (detached).
+            memory (torch.Tensor): (B, sum(H_l * W_l), C) flattened encoder memory.
+            shapes (list[list[int]]): [H_l, W_l] per level.
+            heads (DFINEHeads): The head's prediction modules.
+            attn_mask (torch.Tensor, optional): (Q, Q) bool self-attention mask, True = may not attend.
+
+        Returns:
+            (DecoderStates): all layers in training, only layer `eval_idx` in eval.
+        """
+        value = split_value(memory, shapes, self.nhead)
+        project = weighting_function(self.reg_max, self.up, self.reg_scale)
+        logits, boxes_list, corners_list, refs = [], [], [], []
+        output, output_detach, corners_prev, ref = target, 0, 0, ref_logits.sigmoid()
+        for i, layer in enumerate(self.layers):
+            pos = heads.query_pos_head(ref).clamp(min=-10, max=10)
+            output = layer(output, ref, value, pos, attn_mask)
+            if i == 0:
+                pre_boxes = (heads.pre_bbox_head(output) + inverse_sigmoid(ref)).sigmoid()
+                pre_logits = heads.dec_score_head[0](output) if self.training else None
+                ref_initial = pre_boxes.detach()
+            corners = heads.dec_bbox_head[i](output + output_detach) + corners_prev
+            boxes = distance_to_box(ref_initial, distribution_to_distance(corners, project), self.reg_scale)
+            if self.training or i == self.eval_idx:
+                logits.append(self.lqe_layers[i](heads.dec_score_head[i](output), corners))
+                boxes_list.append(boxes)
+                corners_list.append(corners)
+                refs.append(ref_initial)
+                if not self.training:
+                    break
+            corners_prev, ref, output_detach = corners, boxes.detach(), output.detach()
+        return DecoderStates(logits, boxes_list, corners_list, refs, pre_logits, pre_boxes)
+
+
+class _BufferAttribute:
+    """Class-level accessor for a registered buffer whose name a base class already uses as a class attribute.
+
+    `RTDETRDecoder` declares `anchors`/`valid_mask` as class attributes, which would both shadow the buffers on lookup
+    and make `register_buffer` refuse the names; this descriptor reads the instance's buffer instead and reports a
+    missing one as AttributeError so that `register_buffer` accepts the name.
+    """
+
+    def __set_name__(self, owner: type, name: str):
+        """Remember the attribute name."""
+        self.name = name
+
+    def __get__(self, obj: nn.Module | None, objtype: type | None = None):
+        """Return the buffer of `obj` (the descriptor itself on the class)."""
+        if obj is None:
+            return self
+        try:
+            return obj._buffers[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+
+class DFINEDecoder(RTDETRDecoder):
+    """D-FINE decoder head with DEIM settings (SiLU FFN and MLPs), usable wherever Ultralytics expects an RT-DETR head.
+
+    Eval output is the inherited `postprocess` top-k over queries x classes, (B, k, 6) = normalised cx, cy, w, h,
+    score, class, so Ultralytics' predictor, validator, exporter and `max_det` handling work unchanged.
+
+    Attributes:
+        nc (int): Number of classes.
+        num_queries (int): Decoder queries (top-k proposals).
+        hidden_dim (int): Query and memory width.
+        nhead (int): Attention heads.
+        nl (int): Memory levels.
+        num_decoder_layers (int): Decoder layers in the training layout.
+        eval_idx (int): Non-negative index of the layer used at inference.
+        reg_max (int): Index of the last FDR bin.
+        num_denoising (int): Denoising queries per batch (0 disables denoising).
+        label_noise_ratio (float): Denoising label flip probability x 2.
+        box_noise_scale (float): Denoising box noise scale.
+        feat_strides (list[int]): Stride of each memory level, for the cached eval anchors.
+        eval_spatial_size (tuple[int, int]): (H, W) the `anchors`/`valid_mask` buffers are cached for.
+        out_channels (int): Width of one eval detection row (6), for the model parser.
+        input_proj (nn.ModuleList): Per level Identity, or 1x1 conv + BN where the level width differs from hidden_dim.
+        decoder (DFINETransformerDecoder): The layer stack.
+        up, reg_scale (nn.Parameter): (1,) frozen FDR constants shared with `decoder`.
+        anchors (torch.Tensor): (1, L, 4) buffer, proposal anchors in logit space (+inf where invalid).
+        valid_mask (torch.Tensor): (1, L, 1) bool buffer, anchors inside (0.01, 0.99).
+        denoising_class_embed (nn.Embedding): nc + 1 rows (the last is padding), present when num_denoising > 0.
+        query_pos_head, enc_output, enc_score_head, enc_bbox_head, dec_score_head, pre_bbox_head, dec_bbox_head:
+            prediction modules with the official names.
+    """
+
+    anchors = _BufferAttribute()
+    valid_mask = _BufferAttribute()
+
+    def __init__(
+        self,
+        c1: list[int],
+        nc: int = 80,
+        hidden_dim: int = 256,
+        ffn_dim: int = 1024,
+        num_layers: int = 6,
+        num_points: list[int] | tuple[int, ...] = (3, 6, 3),
+        num_queries: int = 300,
+        num_denoising: int = 100,
+        label_noise_ratio: float = 0.5,
+        box_noise_scale: float = 1.0,
+        reg_max: int = 32,
+        reg_scale: float = 4.0,
+        eval_idx: int = -1,
+        act: str = "silu",
+        feat_strides: list[int] | tuple[int, ...] = (8, 16, 32),
+        eval_spatial_size: list[int] | tuple[int, int] = (640, 640),
+        nhead: int = 8,
+    ):
+        """Create the head.
+
+        Args:
+            c1 (list[int]): Channels of each input memory level.
+            nc (int): Number of classes.
+            hidden_dim (int): Query and memory width.
+            ffn_dim (int): Decoder FFN hidden width.
+            num_layers (int): Decoder layers (training layout).
+            num_points (list[int] | tuple[int, ...]): Deformable sampling points per level.
+            num_queries (int): Decoder queries.
+            num_denoising (int): Denoising queries per batch; 0 disables denoising and its class embedding.
+            label_noise_ratio (float): Denoising label noise ratio.
+            box_noise_scale (float): Denoising box noise scale.
+            reg_max (int): Index of the last FDR bin (reg_max + 1 bins per edge).
+            reg_scale (float): FDR offset scale.
+            eval_idx (int): Layer used at inference; negative counts from the end.
+            act (str): Activation of the FFNs and MLP heads: "silu" (DEIM), "relu" (D-FINE) or "gelu".
+            feat_strides (list[int] | tuple[int, ...]): Stride of each level.
+            eval_spatial_size (list[int] | tuple[int, int]): Input (H, W) the anchor buffers are cached for.
+            nhead (int): Attention heads.
+        """
+        # RTDETRDecoder.__init__ would build its own projection, decoder and heads (other names, other maths); only
+        # its class-level export attributes and its methods are wanted, so initialise as a plain module.
+        nn.Module.__init__(self)
+        if len(c1) != len(num_points) or len(c1) != len(feat_strides):
+            raise ValueError(
+                f"c1 {c1}, num_points {num_points} and feat_strides {feat_strides} need one entry per level"
+            )
+        act_cls = ACTIVATIONS[act]
+        self.nc = nc
+        self.num_queries = num_queries
+        self.hidden_dim = hidden_dim
+        self.nhead = nhead
+        self.nl = len(c1)
+        self.num_decoder_layers = num_layers
+        self.eval_idx = eval_idx % num_layers
+        self.reg_max = reg_max
+        self.num_denoising = num_denoising
+        self.label_noise_ratio = label_noise_ratio
+        self.box_noise_scale = box_noise_scale
+        self.feat_strides = list(feat_strides)
+        self.eval_spatial_size = tuple(eval_spatial_size)
+        self.out_channels = 6
+
+        self.input_proj = nn.ModuleList(self._input_projection(c, hidden_dim) for c in c1)
+        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
+        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
+        layer = DFINEDecoderLayer(hidden_dim, nhead, ffn_dim, list(num_points), act_cls)
+        self.decoder = DFINETransformerDecoder(
+            layer, num_layers, self.eval_idx, reg_max, self.up, self.reg_scale, nhead, act_cls
+        )
+        if num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(nc + 1, hidden_dim, padding_idx=nc)
+
+        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2, act=act_cls)
+        self.enc_output = nn.Sequential(
+            OrderedDict(proj=nn.Linear(hidden_dim, hidden_dim), norm=nn.LayerNorm(hidden_dim))
+        )
+        self.enc_score_head = nn.Linear(hidden_dim, nc)
+        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=act_cls)
+        anchors, valid_mask = self._generate_anchors(self._eval_shapes(), torch.empty(0))
+        self.register_buffer("anchors", anchors)
+        self.register_buffer("valid_mask", valid_mask)
+        self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=act_cls)
+        self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, nc) for _ in range(num_layers))
+        self.dec_bbox_head = nn.ModuleList(
+            MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=act_cls) for _ in range(num_layers)
+        )
+        self._reset_parameters()
+
+    @staticmethod
+    def _input_projection(channels: int, hidden_dim: int) -> nn.Module:
+        """Identity for a level already `hidden_dim` wide, else 1x1 conv (no bias) + BN named `conv`/`norm`."""
+        if channels == hidden_dim:
+            return nn.Identity()
+        conv = nn.Conv2d(channels, hidden_dim, 1, bias=False)
+        nn.init.xavier_uniform_(conv.weight)
+        return nn.Sequential(OrderedDict(conv=conv, norm=nn.BatchNorm2d(hidden_dim)))
+
+    def _reset_parameters(self) -> None:
+        """Official initialisation: 1 % prior class bias, zero last box layers, Xavier on projections."""
+        prior = bias_init_with_prob(0.01)
+        for head in (self.enc_score_head, *self.dec_score_head):
+            nn.init.constant_(head.bias, prior)
+        for mlp in (self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head):
+            nn.init.zeros_(mlp.layers[-1].weight)
+            nn.init.zeros_(mlp.layers[-1].bias)
+        nn.init.xavier_uniform_(self.enc_output.proj.weight)
+        for linear in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(linear.weight)
+
+    def _eval_shapes(self) -> list[list[int]]:
+        """[H_l, W_l] of every level at `eval_spatial_size`, the shapes the anchor buffers are cached for."""
+        h, w = self.eval_spatial_size
+        return [[int(h / s), int(w / s)] for s in self.feat_strides]
+
+    def _heads(self) -> DFINEHeads:
+        """The prediction modules the layer stack needs."""
+        return DFINEHeads(self.query_pos_head, self.pre_bbox_head, self.dec_score_head, self.dec_bbox_head)
+
+    def forward(self, x: list[torch.Tensor], batch: dict | None = None) -> dict | torch.Tensor | tuple:
+        """Detect objects in the encoder's feature maps.
+
+        Args:
+            x (list[torch.Tensor]): Per level a (B, c1[l], H_l, W_l) feature map.
+            batch (dict, optional): Training targets enabling denoising: `cls` (N,) long class indices, `bboxes`
+                (N, 4) normalised cx, cy, w, h, `batch_idx` (N,) image index, `gt_groups` list of boxes per image.
+
+        Returns:
+            In training a dict: `pred_logits` (B, Q, nc), `pred_boxes` (B, Q, 4) normalised cxcywh, `pred_corners`
+            (B, Q, 4 * (reg_max + 1)), `ref_points` (B, Q, 4), `up`, `reg_scale` of the last layer; `aux_outputs`
+            (earlier layers, each also with `teacher_corners`/`teacher_logits` of the last layer, `up`, `reg_scale`);
+            `pre_outputs` and `enc_aux_outputs` (list of one) with `pred_logits`/`pred_boxes`; with denoising also
+            `dn_outputs` (every layer, like `aux_outputs`), `dn_pre_outputs` and `dn_meta` (Ultralytics' format).
+            In eval the (B, k, 6) detections [cx, cy, w, h, score, class] if exporting, else a tuple of them and the
+            eval layer's dict (`pred_logits`, `pred_boxes`, `pred_corners`, `ref_points`, `up`, `reg_scale`).
+        """
+        memory, shapes = self._get_encoder_input(x)
+        dn_embed, dn_bbox, attn_mask, dn_meta = self._denoising_group(batch, min(self.num_queries, memory.shape[1]))
+        target, ref_logits, enc_bboxes, enc_scores = self._get_decoder_input(memory, shapes, dn_embed, dn_bbox)
+        states = self.decoder(target, ref_logits, memory, shapes, self._heads(), attn_mask)
+        if self.training:
+            return self._training_outputs(states, enc_bboxes, enc_scores, dn_meta)
+        out = self._layer_output(states.logits[-1], states.boxes[-1], states.corners[-1], states.refs[-1])
+        y = self.postprocess(out["pred_boxes"], out["pred_logits"].sigmoid())
+        return y if self.export else (y, out)
+
+    def _get_encoder_input(self, x: list[torch.Tensor]) -> tuple[torch.Tensor, list[list[int]]]:
+        """Project and flatten the levels.
+
+        Args:
+            x (list[torch.Tensor]): Per level a (B, c1[l], H_l, W_l) feature map.
+
+        Returns:
+            memory (torch.Tensor): (B, sum(H_l * W_l), hidden_dim), levels in order, row-major within a level.
+            shapes (list[list[int]]): [H_l, W_l] per level.
+        """
+        feats = [proj(f) for proj, f in zip(self.input_proj, x)]
+        shapes = [list(f.shape[2:]) for f in feats]
+        return torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1), shapes
+
+    def _denoising_group(
+        self, batch: dict | None, num_queries: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, dict | None]:
+        """Contrastive denoising queries: Ultralytics' `get_cdn_group` layout with the official box noise.
+
+        Args:
+            batch (dict | None): Targets as in `forward`; None disables denoising.
+            num_queries (int): Regular queries that follow the denoising ones.
+
+        Returns:
+            dn_embed (torch.Tensor | None): (B, D, C) class embeddings of the denoising queries (padding: zeros).
+            dn_bbox (torch.Tensor | None): (B, D, 4) noised boxes in logit space.
+            attn_mask (torch.Tensor | None): (D + Q, D + Q) bool, True = may not attend; regular queries cannot see
+                denoising ones, groups cannot see each other.
+            dn_meta (dict | None): `dn_pos_idx`, `dn_gt_idx`, `dn_num_group`, `dn_num_split` ([D, Q]).
+        """
+        if not self.training or self.num_denoising <= 0 or batch is None:
+            return None, None, None, None
+        # With box noise 0, get_cdn_group returns the clean padded boxes (normalised cx, cy, w, h; all-zero padding)
+        # instead of noised logits. Its own noise collapses boxes whose edges crossed to zero size where the official
+        # noise keeps their magnitude, so the boxes are noised here.
+        dn_embed, dn_boxes, attn_mask, dn_meta = get_cdn_group(
+            batch,
+            self.nc,
+            num_queries,
+            self.denoising_class_embed.weight,
+            self.num_denoising,
+            self.label_noise_ratio,
+            0.0,
+            self.training,
+        )
+        if dn_meta is None:
+            return None, None, None, None
+        num_dn = dn_meta["dn_num_split"][0]
+        slots = num_dn // (2 * dn_meta["dn_num_group"])  # one image's slots in a positive or a negative block
+        negative = torch.arange(num_dn, device=dn_boxes.device) // slots % 2 == 1  # groups are [positive, negative]
+        return dn_embed, noised_box_logits(dn_boxes, negative, self.box_noise_scale), attn_mask, dn_meta
+
+    def _anchors(self, shapes: list[list[int]], memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached buffers at the eval size, else anchors generated for `shapes` ((1, L, 4) logits, (1, L, 1))."""
+        if not self.dynamic and shapes == self._eval_shapes():
+            return self.anchors, self.valid_mask
+        return self._generate_anchors(shapes, memory)
+
+    def _get_decoder_input(
+        self,
+        feats: torch.Tensor,
+        shapes: list[list[int]],
+        dn_embed: torch.Tensor | None = None,
+        dn_bbox: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Select the top-k encoder proposals as decoder queries.
+
+        Memory at invalid anchors is zeroed; proposals are ranked by their highest class logit; content and reference
+        boxes are detached so no gradient flows from the decoder into query selection.
+
+        Args:
+            feats (torch.Tensor): (B, L, C) flattened memory.
+            shapes (list[list[int]]): [H_l, W_l] per level.
+            dn_embed (torch.Tensor, optional): (B, D, C) denoising query content, placed before the regular queries.
+            dn_bbox (torch.Tensor, optional): (B, D, 4) denoising boxes in logit space.
+
+        Returns:
+            target (torch.Tensor): (B, D + k, C) initial query content.
+            ref_logits (torch.Tensor): (B, D + k, 4) initial reference boxes in logit space.
+            enc_bboxes (torch.Tensor | None): (B, k, 4) sigmoid proposal boxes (training only).
+            enc_scores (torch.Tensor | None): (B, k, nc) proposal class logits (training only).
+        """
+        anchors, valid_mask = self._anchors(shapes, feats)
+        memory = self.enc_output(valid_mask.to(feats.dtype) * feats)
+        logits = self.enc_score_head(memory)
+        k = (
+            torch._shape_as_tensor(logits)[1].clamp(max=self.num_queries)
+            if self.dynamic
+            else min(self.num_queries, logits.shape[1])
+        )
+        groups = 8 if self.export and self.format == "engine" and not self.dynamic else 1
+        index = Detect._grouped_topk(logits.max(-1).values, k, groups)[1]  # (B, k)
+        top_memory = _gather(memory, index)
+        ref_logits = self.enc_bbox_head(top_memory) + _gather(anchors.expand(memory.shape[0], -1, -1), index)
+        enc_bboxes = ref_logits.sigmoid() if self.training else None
+        enc_scores = _gather(logits, index) if self.training else None
+        target, ref_logits = top_memory.detach(), ref_logits.detach()
+        if dn_embed is not None:
+            target = torch.cat([dn_embed, target], 1)
+            ref_logits = torch.cat([dn_bbox, ref_logits], 1)
+        return target, ref_logits, enc_bboxes, enc_scores
+
+    def _layer_output(
+        self, logits: torch.Tensor, boxes: torch.Tensor, corners: torch.Tensor, refs: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One layer's prediction dict in the official layout (see `forward`)."""
+        return {
+            "pred_logits": logits,
+            "pred_boxes": boxes,
+            "pred_corners": corners,
+            "ref_points": refs,
+            "up": self.up,
+            "reg_scale": self.reg_scale,
+        }
+
+    def _layer_outputs(self, states: DecoderStates) -> list[dict[str, torch.Tensor]]:
+        """Per-layer dicts, each with the last layer's corners and logits as DDF teacher."""
+        teacher = {"teacher_corners": states.corners[-1], "teacher_logits": states.logits[-1]}
+        layers = zip(states.logits, states.boxes, states.corners, states.refs)
+        return [{**self._layer_output(*layer), **teacher} for layer in layers]
+
+    def _training_outputs(
+        self,
+        states: DecoderStates,
+        enc_bboxes: torch.Tensor,
+        enc_scores: torch.Tensor,
+        dn_meta: dict | None,
+    ) -> dict:
+        """Assemble the training dict (see `forward`), splitting denoising queries off when present."""
+        out = {}
+        if dn_meta is not None:
+            dn_states, states = _split_states(states, dn_meta["dn_num_split"])
+            out["dn_outputs"] = self._layer_outputs(dn_states)
+            out["dn_pre_outputs"] = {"pred_logits": dn_states.pre_logits, "pred_boxes": dn_states.pre_boxes}
+            out["dn_meta"] = dn_meta
+        return {
+            **self._layer_output(states.logits[-1], states.boxes[-1], states.corners[-1], states.refs[-1]),
+            "aux_outputs": self._layer_outputs(states)[:-1],
+            "pre_outputs": {"pred_logits": states.pre_logits, "pred_boxes": states.pre_boxes},
+            "enc_aux_outputs": [{"pred_logits": enc_scores, "pred_boxes": enc_bboxes}],
+            **out,
+        }
+
+    def convert_to_deploy(self) -> DFINEDecoder:
+        """Drop the training-only parts in place, as the authors' deploy layout does; eval outputs are unchanged.
+
+        Layers past `eval_idx` (and their heads) are removed; score heads and LQEs before `eval_idx` become Identity
+        so the remaining ones keep their official indices. Box heads before `eval_idx` stay (FDR chains through them).
+        """
+        keep = self.eval_idx + 1
+        self.dec_score_head = _keep_only(self.dec_score_head, self.eval_idx)
+        self.decoder.lqe_layers = _keep_only(self.decoder.lqe_layers, self.eval_idx)
+        self.decoder.layers = self.decoder.layers[:keep]
+        self.dec_bbox_head = self.dec_bbox_head[:keep]
+        return self
+
+    fuse = convert_to_deploy  # the name Ultralytics-style model code calls
+
+
+def noised_box_logits(boxes: torch.Tensor, negative: torch.Tensor, scale: float) -> torch.Tensor:
+    """Official contrastive denoising box noise.
+
+    Every edge moves by a random sign times u * scale * (half the box size along its axis), u ~ U(0, 1) for positive
+    queries and U(1, 2) for negative ones; edges are clipped to the image, sizes of boxes whose edges crossed are taken
+    as magnitudes, and all-zero (padding) boxes stay zero.
+
+    Args:
+        boxes (torch.Tensor): (B, D, 4) clean boxes, normalised cx, cy, w, h (zeros in padding slots).
+        negative (torch.Tensor): (D,) bool, True for negative (to be rejected) queries.
+        scale (float): Box noise scale.
+
+    Returns:
+        (torch.Tensor): (B, D, 4) noised boxes in logit space (inverse sigmoid with eps 1e-5).
+    """
+    half = boxes[..., 2:].repeat(1, 1, 2) * (0.5 * scale)
+    sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
+    part = torch.rand_like(boxes) + negative[:, None].to(boxes.dtype)
+    xyxy = (box_convert(boxes, "cxcywh", "xyxy") + sign * part * half).clip(0.0, 1.0)
+    return inverse_sigmoid(box_convert(xyxy, "xyxy", "cxcywh").abs())
+
+
+def _keep_only(modules: nn.ModuleList, index: int) -> nn.ModuleList:
+    """`modules[:index + 1]` with every entry before `index` replaced by Identity (indices, hence keys, unchanged)."""
+    return nn.ModuleList([*(nn.Identity() for _ in range(index)), modules[index]])
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` (B, k) of `x` (B, L, C) along dim 1 -> (B, k, C)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _split_states(states: DecoderStates, split: list[int]) -> tuple[DecoderStates, DecoderStates]:
+    """Split every (B, D + Q, ...) prediction along the query axis into denoising (D) and regular (Q) states."""
+    halves = [
+        [t.split(split, dim=1) for t in field] for field in (states.logits, states.boxes, states.corners, states.refs)
+    ]
+    pre_logits, pre_boxes = states.pre_logits.split(split, dim=1), states.pre_boxes.split(split, dim=1)
+    return tuple(
+        DecoderStates(*[[t[j] for t in field] for field in halves], pre_logits[j], pre_boxes[j]) for j in (0, 1)
+    )

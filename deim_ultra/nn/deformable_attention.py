@@ -1,0 +1,127 @@
+"""Multi-scale deformable cross-attention as used by the D-FINE decoder.
+
+Unlike Deformable-DETR this variant has no value and no output projection: each head samples its own channel slice of
+the (already projected) encoder memory. The number of sampling points may differ per level, sampling offsets are
+scaled by 1 / points_of_level and by half the reference box size, and one softmax runs jointly over all points of all
+levels of a head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def split_value(memory: torch.Tensor, shapes: list[list[int]], nhead: int) -> list[torch.Tensor]:
+    """Split flattened multi-level memory into per-level, per-head feature maps.
+
+    Args:
+        memory (torch.Tensor): (B, sum(H_l * W_l), C) flattened encoder features, levels in order.
+        shapes (list[list[int]]): [H_l, W_l] per level.
+        nhead (int): Number of attention heads; head h owns channels [h * C / nhead, (h + 1) * C / nhead).
+
+    Returns:
+        (list[torch.Tensor]): per level a (B * nhead, C / nhead, H_l, W_l) map.
+    """
+    b, _, c = memory.shape
+    value = memory.unflatten(-1, (nhead, c // nhead)).permute(0, 2, 3, 1)  # (B, nhead, C / nhead, L)
+    levels = value.split([h * w for h, w in shapes], dim=-1)
+    return [v.reshape(b * nhead, c // nhead, h, w) for v, (h, w) in zip(levels, shapes)]
+
+
+def deformable_sample(
+    value: list[torch.Tensor],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    num_points: list[int],
+) -> torch.Tensor:
+    """Bilinearly sample every head's points and sum them with the attention weights.
+
+    Args:
+        value (list[torch.Tensor]): per level a (B * nhead, D, H_l, W_l) map from `split_value`.
+        sampling_locations (torch.Tensor): (B, Q, nhead, P, 2) normalised x, y in [0, 1], P = sum(num_points), points
+            ordered level by level.
+        attention_weights (torch.Tensor): (B, Q, nhead, P) weights, softmax-normalised over P.
+        num_points (list[int]): Points per level.
+
+    Returns:
+        (torch.Tensor): (B, Q, nhead * D) attended features, head-major channels.
+    """
+    b, q, nhead, p, _ = sampling_locations.shape
+    # grid_sample wants [-1, 1] coordinates with align_corners=False (pixel edges at -1 and 1).
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (B * nhead, Q, P, 2)
+    samples = [
+        F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B * nhead, D, Q, P_l)
+        for v, g in zip(value, grids.split(num_points, dim=2))
+    ]
+    weights = attention_weights.transpose(1, 2).reshape(b * nhead, 1, q, p)
+    out = (torch.cat(samples, -1) * weights).sum(-1)  # (B * nhead, D, Q)
+    return out.reshape(b, -1, q).transpose(1, 2)
+
+
+class MSDeformableAttention(nn.Module):
+    """Deformable cross-attention of queries with 4-d reference boxes into multi-level memory.
+
+    Attributes:
+        nhead (int): Number of attention heads.
+        num_points (list[int]): Sampling points per level and head.
+        offset_scale (float): Factor on the reference box size that bounds the offsets (0.5: half the box).
+        sampling_offsets (nn.Linear): hidden -> nhead * P * 2 raw offsets.
+        attention_weights (nn.Linear): hidden -> nhead * P attention logits.
+        num_points_scale (torch.Tensor): (P,) buffer, 1 / points_of_level for each point.
+    """
+
+    def __init__(self, hidden_dim: int, nhead: int, num_points: list[int], offset_scale: float = 0.5):
+        """Create the attention.
+
+        Args:
+            hidden_dim (int): Query and memory width; must be divisible by nhead.
+            nhead (int): Number of attention heads.
+            num_points (list[int]): Sampling points per level (one entry per memory level).
+            offset_scale (float): Factor on the reference box size applied to the offsets.
+        """
+        super().__init__()
+        self.nhead = nhead
+        self.num_points = list(num_points)
+        self.offset_scale = offset_scale
+        total = nhead * sum(self.num_points)
+        self.sampling_offsets = nn.Linear(hidden_dim, total * 2)
+        self.attention_weights = nn.Linear(hidden_dim, total)
+        scale = [1 / n for n in self.num_points for _ in range(n)]
+        self.register_buffer("num_points_scale", torch.tensor(scale, dtype=torch.float32))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Start every head sampling along its own direction, point k of a level k steps out, with uniform weights."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.nhead, dtype=torch.float32) * (2 * math.pi / self.nhead)
+        direction = torch.stack([thetas.cos(), thetas.sin()], -1)
+        direction = direction / direction.abs().max(-1, keepdim=True).values  # (nhead, 2), on the unit square
+        steps = torch.cat([torch.arange(1, n + 1, dtype=torch.float32) for n in self.num_points])  # (P,)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_((direction[:, None] * steps[None, :, None]).flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+
+    def forward(self, query: torch.Tensor, reference: torch.Tensor, value: list[torch.Tensor]) -> torch.Tensor:
+        """Attend from queries into the memory around their reference boxes.
+
+        Args:
+            query (torch.Tensor): (B, Q, C) queries (content + position embedding).
+            reference (torch.Tensor): (B, Q, 4) reference boxes, normalised cx, cy, w, h.
+            value (list[torch.Tensor]): per level a (B * nhead, C / nhead, H_l, W_l) map from `split_value`.
+
+        Returns:
+            (torch.Tensor): (B, Q, C) attended features.
+        """
+        b, q, _ = query.shape
+        p = sum(self.num_points)
+        offsets = self.sampling_offsets(query).reshape(b, q, self.nhead, p, 2)
+        weights = self.attention_weights(query).reshape(b, q, self.nhead, p).softmax(-1)
+        scale = self.num_points_scale.to(query.dtype)[:, None]  # (P, 1)
+        ref = reference[:, :, None, None]  # (B, Q, 1, 1, 4)
+        locations = ref[..., :2] + offsets * scale * ref[..., 2:] * self.offset_scale
+        return deformable_sample(value, locations, weights, self.num_points)

@@ -1,0 +1,181 @@
+"""The DEIM detection model: an Ultralytics RT-DETR model whose layers are built from a DEIM YAML.
+
+A DEIM YAML lists layers in Ultralytics' `[from, repeats, module, args]` form. Modules are looked up in this package
+(never in Ultralytics' namespace, so nothing depends on import order) or in `torch.nn` as `nn.Name`. Each module is
+constructed as `Module(c1, *args)` with `c1` the input channel count (a list for multi-input layers) and reports its
+own `out_channels`, so the parser needs no per-module rules.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from torch import nn
+from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
+from ultralytics.utils import LOGGER
+
+from deim_ultra.cfg import deim_arg, resolve_model_yaml
+from deim_ultra.loss.criterion import DEIMCriterion
+from deim_ultra.nn.decoder import DFINEDecoder
+from deim_ultra.nn.encoder import HybridEncoder
+from deim_ultra.nn.hgnetv2 import HGStage, HGStem
+
+
+
+class Pick(nn.Module):
+    """Select one map from a multi-output layer, so that YAML layers can wire the encoder's levels to the head."""
+
+    def __init__(self, c1: list[int], index: int):
+        """Pick `index` from a list input whose channel counts are `c1`."""
+        super().__init__()
+        self.index = index
+        self.out_channels = c1[index]
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        """Return `x[index]`."""
+        return x[self.index]
+
+
+MODULES: dict[str, type[nn.Module]] = {m.__name__: m for m in (HGStem, HGStage, HybridEncoder, Pick, DFINEDecoder)}
+
+
+def resolve_module(name: str) -> type[nn.Module]:
+    """Return the module class a YAML layer names: one of `MODULES`, or `nn.<Name>` from torch."""
+    if name.startswith("nn."):
+        return getattr(nn, name[3:])
+    if name not in MODULES:
+        raise KeyError(f"Unknown DEIM module '{name}' in model YAML; known modules: {sorted(MODULES)}")
+    return MODULES[name]
+
+
+def parse_deim_model(cfg: dict, ch: int, verbose: bool = True) -> tuple[nn.Sequential, list[int]]:
+    """Build the layer sequence described by a DEIM model dict.
+
+    Args:
+        cfg (dict): Model dict with `nc`, `backbone` and `head` layer lists; the string `nc` in args is replaced by
+            the class count.
+        ch (int): Input image channels.
+        verbose (bool): Log one line per layer.
+
+    Returns:
+        (nn.Sequential): The layers, each tagged with Ultralytics' `i` (index), `f` (from), `type` and `np` (params).
+        (list[int]): Sorted indices of layers whose outputs later layers read.
+    """
+    if verbose:
+        LOGGER.info(f"\n{'':>3}{'from':>20}{'n':>3}{'params':>10}  {'module':<45}{'arguments':<30}")
+    channels: list = [ch]
+    layers, save = [], []
+    for i, (f, n, name, args) in enumerate(cfg["backbone"] + cfg["head"]):
+        if n != 1:
+            raise ValueError(f"Layer {i} ({name}): DEIM layers take repeats=1, got {n}")
+        args = [cfg["nc"] if a == "nc" else a for a in args]
+        c1 = channels[f] if isinstance(f, int) else [channels[j] for j in f]
+        m = resolve_module(name)(c1, *args)
+        m.i, m.f, m.type = i, f, name
+        m.np = sum(p.numel() for p in m.parameters())
+        if verbose:
+            LOGGER.info(f"{i:>3}{f!s:>20}{n:>3}{m.np:10.0f}  {name:<45}{args!s:<30}")
+        save.extend(j % i for j in ([f] if isinstance(f, int) else f) if j != -1)
+        layers.append(m)
+        channels = channels[1:] if i == 0 else channels
+        channels.append(m.out_channels)
+    return nn.Sequential(*layers), sorted(save)
+
+
+class DEIMDetectionModel(RTDETRDetectionModel):
+    """DEIM-D-FINE detector: HGNetv2 backbone, hybrid encoder and D-FINE decoder, trained with the DEIM criterion.
+
+    It keeps Ultralytics' RT-DETR model interface (`predict`, `loss`, `fuse`, checkpoint pickling), so Ultralytics'
+    validator, predictor, exporter and AutoBackend drive it unchanged.
+    """
+
+    def __init__(self, cfg: str | Path | dict = "deim-n.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True):
+        """Build the model from a DEIM YAML path or dict.
+
+        Args:
+            cfg (str | Path | dict): Model YAML (bare names are looked up in the package's `cfg/`) or its dict.
+            ch (int): Input image channels.
+            nc (int, optional): Class count overriding the YAML's `nc`.
+            verbose (bool): Log the layer table and model summary.
+        """
+        nn.Module.__init__(self)  # Ultralytics' DetectionModel.__init__ re-initialises BatchNorm eps/momentum
+        self.yaml = cfg if isinstance(cfg, dict) else yaml_model_load(resolve_model_yaml(cfg))
+        self.yaml["channels"] = ch
+        if nc and nc != self.yaml["nc"]:
+            LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
+            self.yaml["nc"] = nc
+        self.model, self.save = parse_deim_model(deepcopy(self.yaml), ch=ch, verbose=verbose)
+        self.names = {i: f"{i}" for i in range(self.yaml["nc"])}
+        self.inplace = True
+        self.stride = torch.Tensor([32])
+        self.criterion = None
+        if verbose:
+            self.info()
+            LOGGER.info("")
+
+    def init_criterion(self) -> DEIMCriterion:
+        """The DEIM criterion, configured from the training arguments (`cls_loss`, `mal_gamma`, `loss_*`, `o2m`)."""
+        args = getattr(self, "args", None)
+        cls_loss = deim_arg(args, "cls_loss")
+        weights = {name: deim_arg(args, f"loss_{name}") for name in ("bbox", "giou", "fgl", "ddf")}
+        weights[cls_loss] = deim_arg(args, "loss_mal")  # one classification weight, whichever loss is chosen
+        return DEIMCriterion(
+            nc=self.model[-1].nc,
+            weights=weights,
+            cls_loss=cls_loss,
+            mal_gamma=deim_arg(args, "mal_gamma"),
+            reg_max=self.model[-1].reg_max,
+            o2m=deim_arg(args, "o2m"),
+        )
+
+    def loss(self, batch: dict, preds: tuple | dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute the DEIM loss of a batch.
+
+        Args:
+            batch (dict): Ultralytics batch: `img` (B, 3, H, W), `cls` (N, 1), `bboxes` (N, 4) normalised xywh,
+                `batch_idx` (N,) image index of each box.
+            preds (tuple | dict, optional): Head outputs already computed for `batch["img"]`: the training dict, or
+                the eval-mode `(detections, outputs)` pair a validator passes.
+
+        Returns:
+            (torch.Tensor): Sum of all weighted loss terms, for backpropagation.
+            (dict[str, torch.Tensor]): Detached sums per loss kind (classification, bbox, giou, fgl, ddf).
+        """
+        if self.criterion is None:
+            self.criterion = self.init_criterion()
+        img = batch["img"]
+        batch_idx = batch["batch_idx"].to(img.device, dtype=torch.long).view(-1)
+        cls = batch["cls"].to(img.device, dtype=torch.long).view(-1)
+        bboxes = batch["bboxes"].to(img.device)
+        gt_groups = torch.bincount(batch_idx, minlength=img.shape[0]).tolist()
+        if preds is None:
+            dn_batch = {"cls": cls, "bboxes": bboxes, "batch_idx": batch_idx, "gt_groups": gt_groups}
+            preds = self.predict(img, batch=dn_batch)
+        outputs = preds if self.training else preds[1]
+        targets = [{"labels": c, "boxes": b} for c, b in zip(cls.split(gt_groups), bboxes.split(gt_groups))]
+        terms = self.criterion(outputs, targets)
+        zero = img.new_zeros(())
+        groups = {kind: zero for kind in (self.criterion.cls_loss, "bbox", "giou", "fgl", "ddf")}
+        for name, value in terms.items():
+            kind = name.split("_")[1]
+            groups[kind] = groups[kind] + value.detach()
+        return sum(terms.values(), zero), groups
+
+    def fuse(self, verbose: bool = True, imgsz: int = 640) -> DEIMDetectionModel:
+        """Convert to the deploy layout in place: conv-BN and RepVGG branches folded, training-only heads dropped.
+
+        Outputs in eval mode are unchanged; the converted model can no longer be trained.
+        """
+        if not self.is_fused():
+            for m in self.model:
+                if hasattr(m, "fuse"):
+                    m.fuse()
+            self.fused = True
+            self.info(verbose=verbose, imgsz=imgsz)
+        return self
+
+    def is_fused(self) -> bool:
+        """Whether `fuse()` has already converted the model."""
+        return getattr(self, "fused", False)

@@ -1,0 +1,33 @@
+"""Test session set-up: Ultralytics offline and isolated, shared tiny datasets and paths."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Ultralytics reads these at import time: no downloads, no auto-installs, settings outside the user's home.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="deim-yolo-cfg-"))
+
+import pytest  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PARITY = SHARED / "parity" / "deim_n_official.pt"
+
+
+@pytest.fixture(scope="session")
+def parity_fixture() -> dict:
+    """The authors' DEIM-N tensors, or a skip when ../shared is not beside the repository."""
+    if not PARITY.is_file():
+        pytest.skip(f"parity fixture not found at {PARITY} (../shared absent)")
+    import torch
+
+    return torch.load(PARITY, weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A generated 3-class shapes dataset: 8 train and 4 val images of 160 px; returns its data YAML."""
+    from deim_ultra.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("shapes"), n_train=8, n_val=4, imgsz=160, seed=0)

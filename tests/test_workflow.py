@@ -1,0 +1,164 @@
+"""End to end: the `deim` CLI and the DEIM class train, validate, predict and export like Ultralytics models."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+IMGSZ = 160
+
+
+def deim_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the installed `deim` command from `cwd` (outside the repository, so package data must be installed)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "deim_ultra.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory) -> Path:
+    """Train DEIM-N for 2 epochs through the CLI; return the run directory."""
+    work = tmp_path_factory.mktemp("cli")
+    args = f"model=deim-n.yaml data={tiny_data} epochs=2 imgsz={IMGSZ} batch=4 workers=0 project={work} name=run"
+    result = deim_cli("train", *args.split(), cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work / "run"
+
+
+def val_image(tiny_data: Path) -> Path:
+    return sorted((tiny_data.parent / "images" / "val").glob("*.png"))[0]
+
+
+def test_train_writes_checkpoints_and_results(trained):
+    assert (trained / "weights" / "best.pt").is_file()
+    assert (trained / "weights" / "last.pt").is_file()
+    header, *rows = (trained / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 2
+    for column in ("train/mal", "train/bbox", "train/giou", "train/fgl", "train/ddf", "metrics/mAP50-95(B)"):
+        assert column in header, header
+
+
+def test_cli_val_evaluates_every_label(trained, tiny_data, tmp_path):
+    result = deim_cli("val", f"model={trained / 'weights' / 'best.pt'}", f"data={tiny_data}", f"imgsz={IMGSZ}",
+                      "batch=2", f"project={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = sum(len(p.read_text().splitlines()) for p in (tiny_data.parent / "labels" / "val").glob("*.txt"))
+    summary = next(line for line in (result.stdout + result.stderr).splitlines() if line.split()[:1] == ["all"])
+    assert int(summary.split()[2]) == labels  # images, then instances
+
+
+def test_cli_predict_writes_normalised_boxes(trained, tiny_data, tmp_path):
+    result = deim_cli("predict", f"model={trained / 'weights' / 'best.pt'}", f"source={val_image(tiny_data)}",
+                      f"imgsz={IMGSZ}", "conf=0.0", "save_txt=True", "save_conf=True", f"project={tmp_path}",
+                      "name=pred", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = np.loadtxt(next((tmp_path / "pred" / "labels").glob("*.txt")), ndmin=2)
+    assert rows.shape[1] == 6  # class, x, y, w, h, conf
+    assert ((rows[:, 1:5] >= 0) & (rows[:, 1:5] <= 1)).all()
+    assert set(rows[:, 0].astype(int)) <= {0, 1, 2}
+
+
+def detections(results) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    boxes = results[0].boxes
+    return boxes.xyxy.cpu().numpy(), boxes.conf.cpu().numpy(), boxes.cls.cpu().numpy()
+
+
+def assert_same_detections(a, b, px: float = 1.0, score: float = 1e-3):
+    """Every detection of `a` has one in `b` with the same class, box within `px` and score within `score`."""
+    (boxes_a, conf_a, cls_a), (boxes_b, conf_b, cls_b) = a, b
+    assert len(boxes_a) == len(boxes_b) > 0
+    for box, conf, cls in zip(boxes_a, conf_a, cls_a):
+        close = (np.abs(boxes_b - box).max(1) <= px) & (np.abs(conf_b - conf) <= score) & (cls_b == cls)
+        assert close.any(), (box, conf, cls)
+
+
+def test_onnx_export_matches_pytorch_and_stock_ultralytics(trained, tiny_data, tmp_path):
+    from ultralytics import RTDETR, YOLO
+
+    from deim_ultra import DEIM
+
+    best = trained / "weights" / "best.pt"
+    onnx = Path(DEIM(best).export(format="onnx", imgsz=IMGSZ))
+    assert onnx.suffix == ".onnx" and onnx.is_file()
+    image = str(val_image(tiny_data))
+    kwargs = dict(imgsz=IMGSZ, conf=0.05, max_det=30, verbose=False)
+    reference = detections(DEIM(best).predict(image, **kwargs))
+    assert_same_detections(reference, detections(DEIM(onnx).predict(image, **kwargs)))
+    assert_same_detections(reference, detections(RTDETR(onnx).predict(image, **kwargs)))
+    stock = YOLO(onnx)  # routes to Ultralytics' RT-DETR pipeline from the export's metadata
+    assert isinstance(stock, RTDETR)
+    assert_same_detections(reference, detections(stock.predict(image, **kwargs)))
+
+
+def test_checkpoint_reloads_in_fresh_process(trained, tiny_data):
+    from deim_ultra import DEIM
+
+    best = trained / "weights" / "best.pt"
+    image = val_image(tiny_data)
+    code = (
+        "import sys, numpy as np; from deim_ultra import DEIM; "
+        f"b = DEIM(r'{best}').predict(r'{image}', imgsz={IMGSZ}, conf=0.05, verbose=False)[0].boxes; "
+        "np.save(sys.argv[1], np.concatenate([b.xyxy.numpy(), b.conf.numpy()[:, None], b.cls.numpy()[:, None]], 1))"
+    )
+    out = trained / "fresh.npy"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, timeout=300)
+    fresh = np.load(out)
+    here = detections(DEIM(best).predict(str(image), imgsz=IMGSZ, conf=0.05, verbose=False))
+    assert_same_detections(here, (fresh[:, :4], fresh[:, 4], fresh[:, 5]), px=1e-3, score=1e-5)
+
+
+def test_unknown_key_fails_with_hint(tiny_data, tmp_path):
+    result = deim_cli("train", "model=deim-n.yaml", f"data={tiny_data}", "epochz=3", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "'epochz' is not a valid" in result.stdout + result.stderr
+    assert "epochs" in result.stdout + result.stderr
+
+
+def test_deim_keys_are_accepted_and_documented(tmp_path):
+    from deim_ultra.cli import parse
+
+    mode, overrides = parse(["train", "cls_loss=vfl", "mal_gamma=2.0", "o2m=True"])
+    assert (mode, overrides) == ("train", {"cls_loss": "vfl", "mal_gamma": 2.0, "o2m": True})
+    result = deim_cli("help", cwd=tmp_path)
+    assert result.returncode == 0 and "mal_gamma" in result.stdout and "cls_loss" in result.stdout
+
+
+def test_missing_dataset_yaml_is_named(tmp_path):
+    result = deim_cli("train", "model=deim-n.yaml", "data=no_such_data.yaml", "epochs=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "no_such_data.yaml" in result.stdout + result.stderr
+
+
+def test_missing_model_yaml_is_named(tmp_path):
+    from deim_ultra import DEIM
+
+    with pytest.raises(FileNotFoundError, match="deim-q.yaml"):
+        DEIM("deim-q.yaml")
+    result = deim_cli("val", "model=deim-q.yaml", cwd=tmp_path)
+    assert result.returncode != 0 and "deim-q.yaml" in result.stdout + result.stderr
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    from ultralytics import YOLO
+
+    from deim_ultra import DEIM
+
+    yolo = tmp_path / "yolo.pt"
+    YOLO("yolov8n.yaml").save(yolo)
+    with pytest.raises(TypeError, match="not a DEIM model"):
+        DEIM(yolo)
+    with pytest.raises(ValueError, match="deim convert"):
+        DEIM(tmp_path / "official.pth")
+
+
+def test_shipped_yamls_build_by_bare_name():
+    from deim_ultra.nn.tasks import DEIMDetectionModel
+
+    model = DEIMDetectionModel("deim-n.yaml", nc=3, verbose=False).eval()
+    with torch.no_grad():
+        y, _ = model(torch.zeros(1, 3, IMGSZ, IMGSZ))
+    assert y.shape == (1, 300, 6)
