@@ -7,9 +7,11 @@ becomes the `model.<layer index>.` of the YAML layer of the matching type.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import torch
+from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML
 
 from deim_ultra.model import DEIM
@@ -80,7 +82,9 @@ def _listing(keys: list[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_official_weights(model: DEIMDetectionModel, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+def load_official_weights(
+    model: DEIMDetectionModel, state: dict[str, torch.Tensor], source: str = "state dict"
+) -> None:
     """Load an official state dict into `model` strictly, naming every missing or unexpected key.
 
     Raises:
@@ -93,8 +97,9 @@ def load_official_weights(model: DEIMDetectionModel, state: dict[str, torch.Tens
         missing, unexpected = model.load_state_dict(mapped, strict=False)
     except RuntimeError as e:
         raise ValueError(f"{source} does not fit {model.yaml.get('yaml_file', 'this model YAML')}: {e}") from e
-    required = [k for k in missing if k not in optional]
-    unexpected = unmatched + list(unexpected)
+    official_name = {v: k for k, v in prefixes.items()}  # report keys as the checkpoint names them
+    required = [rename_official_key(k, official_name) or k for k in missing if k not in optional]
+    unexpected = unmatched + [rename_official_key(k, official_name) for k in unexpected]
     if required or unexpected:
         raise ValueError(
             f"{source} does not match {model.yaml.get('yaml_file', 'the model YAML')} (is it another size?).\n"
@@ -102,7 +107,7 @@ def load_official_weights(model: DEIMDetectionModel, state: dict[str, torch.Tens
             f"{_listing(unexpected)}"
         )
     for key in sorted(set(missing) & optional):
-        LOGGER.info(f"{source}: '{key}' absent (training-only), keeping its random initialisation")
+        LOGGER.info(f"{source}: '{rename_official_key(key, official_name)}' absent (training-only), initialised anew")
 
 
 def convert_official(src: str | Path | dict, model: str | Path = "deim-n.yaml") -> DEIM:
@@ -135,6 +140,8 @@ def convert_official_file(weights: str | Path, model: str | Path = "deim-n.yaml"
     if weights is None:
         raise ValueError("Give the official checkpoint: deim convert weights=path/to/official.pth model=deim-s.yaml")
     out = Path(Path(weights).stem + ".pt")
-    convert_official(weights, model).save(out)
+    deim = convert_official(weights, model)
+    # Ultralytics' Model.save stores half precision; keep float32 so the file reproduces the authors' numbers.
+    torch.save({"model": deim.model, "train_args": {}, "date": datetime.now().isoformat(), "version": __version__}, out)
     LOGGER.info(f"Converted '{weights}' ({model}) -> '{out.resolve()}'; load it with DEIM('{out}')")
     return out

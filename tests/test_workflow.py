@@ -70,7 +70,7 @@ def detections(results) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def assert_same_detections(a, b, px: float = 1.0, score: float = 1e-3):
     """Every detection of `a` has one in `b` with the same class, box within `px` and score within `score`."""
     (boxes_a, conf_a, cls_a), (boxes_b, conf_b, cls_b) = a, b
-    assert len(boxes_a) == len(boxes_b) > 0
+    assert 0 < len(boxes_a) <= len(boxes_b)
     for box, conf, cls in zip(boxes_a, conf_a, cls_a):
         close = (np.abs(boxes_b - box).max(1) <= px) & (np.abs(conf_b - conf) <= score) & (cls_b == cls)
         assert close.any(), (box, conf, cls)
@@ -85,13 +85,15 @@ def test_onnx_export_matches_pytorch_and_stock_ultralytics(trained, tiny_data, t
     onnx = Path(DEIM(best).export(format="onnx", imgsz=IMGSZ))
     assert onnx.suffix == ".onnx" and onnx.is_file()
     image = str(val_image(tiny_data))
-    kwargs = dict(imgsz=IMGSZ, conf=0.05, max_det=30, verbose=False)
-    reference = detections(DEIM(best).predict(image, **kwargs))
-    assert_same_detections(reference, detections(DEIM(onnx).predict(image, **kwargs)))
-    assert_same_detections(reference, detections(RTDETR(onnx).predict(image, **kwargs)))
+    # A briefly trained model scores low: take the top detections, and look each up among the other's top 2x
+    # (near-tied scores may order differently at the cut).
+    kwargs = dict(imgsz=IMGSZ, conf=0.0, verbose=False)
+    reference = detections(DEIM(best).predict(image, max_det=20, **kwargs))
+    assert_same_detections(reference, detections(DEIM(onnx).predict(image, max_det=40, **kwargs)))
+    assert_same_detections(reference, detections(RTDETR(onnx).predict(image, max_det=40, **kwargs)))
     stock = YOLO(onnx)  # routes to Ultralytics' RT-DETR pipeline from the export's metadata
     assert isinstance(stock, RTDETR)
-    assert_same_detections(reference, detections(stock.predict(image, **kwargs)))
+    assert_same_detections(reference, detections(stock.predict(image, max_det=40, **kwargs)))
 
 
 def test_checkpoint_reloads_in_fresh_process(trained, tiny_data):
@@ -101,13 +103,13 @@ def test_checkpoint_reloads_in_fresh_process(trained, tiny_data):
     image = val_image(tiny_data)
     code = (
         "import sys, numpy as np; from deim_ultra import DEIM; "
-        f"b = DEIM(r'{best}').predict(r'{image}', imgsz={IMGSZ}, conf=0.05, verbose=False)[0].boxes; "
+        f"b = DEIM(r'{best}').predict(r'{image}', imgsz={IMGSZ}, conf=0.0, max_det=20, verbose=False)[0].boxes; "
         "np.save(sys.argv[1], np.concatenate([b.xyxy.numpy(), b.conf.numpy()[:, None], b.cls.numpy()[:, None]], 1))"
     )
     out = trained / "fresh.npy"
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, timeout=300)
     fresh = np.load(out)
-    here = detections(DEIM(best).predict(str(image), imgsz=IMGSZ, conf=0.05, verbose=False))
+    here = detections(DEIM(best).predict(str(image), imgsz=IMGSZ, conf=0.0, max_det=20, verbose=False))
     assert_same_detections(here, (fresh[:, :4], fresh[:, 4], fresh[:, 5]), px=1e-3, score=1e-5)
 
 

@@ -23,7 +23,6 @@ from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
 
 
-
 class Pick(nn.Module):
     """Select one map from a multi-output layer, so that YAML layers can wire the encoder's levels to the head."""
 
@@ -91,7 +90,9 @@ class DEIMDetectionModel(RTDETRDetectionModel):
     validator, predictor, exporter and AutoBackend drive it unchanged.
     """
 
-    def __init__(self, cfg: str | Path | dict = "deim-n.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True):
+    def __init__(
+        self, cfg: str | Path | dict = "deim-n.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True
+    ):
         """Build the model from a DEIM YAML path or dict.
 
         Args:

@@ -1,0 +1,65 @@
+"""`convert_official` / `deim convert`: official checkpoints in every layout load strictly, or fail naming keys."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deim_ultra import DEIM, convert_official
+
+
+@pytest.fixture(scope="module")
+def official(parity_fixture) -> dict:
+    return parity_fixture["state_dict"]
+
+
+def eval_logits(deim: DEIM, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return deim.model.eval()(images)[1]["pred_logits"]
+
+
+@pytest.mark.parametrize("layout", ["model", "ema", "raw"])
+def test_checkpoint_layouts_load_the_same_weights(official, layout, tmp_path):
+    perturbed = {k: v + 1 if k.endswith("enc_score_head.bias") else v for k, v in official.items()}
+    ckpt = {"model": official, "ema": {"module": perturbed}} if layout == "ema" else {"model": official}
+    path = tmp_path / "official.pth"
+    torch.save(official if layout == "raw" else ckpt, path)
+    model = convert_official(path, "deim-n.yaml").model
+    bias = model.model[-1].enc_score_head.bias
+    expected = perturbed if layout == "ema" else official  # EMA weights win when present
+    assert torch.equal(bias, expected["decoder.enc_score_head.bias"])
+    assert model.names[0] == "person" and len(model.names) == 80  # COCO names for an 80-class checkpoint
+
+
+def test_missing_and_unexpected_keys_are_listed(official):
+    broken = {k: v for k, v in official.items() if k != "encoder.lateral_convs.0.norm.weight"}
+    broken["decoder.extra_head.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as error:
+        convert_official(broken, "deim-n.yaml")
+    assert "encoder.lateral_convs.0.norm.weight" in str(error.value)
+    assert "decoder.extra_head.weight" in str(error.value)
+
+
+def test_wrong_size_is_reported(official):
+    with pytest.raises(ValueError, match="deim-s.yaml"):
+        convert_official(official, "deim-s.yaml")
+
+
+def test_other_class_count_is_taken_from_checkpoint(official):
+    nc = 5
+    sliced = {
+        k: v[:nc] if any(h in k for h in ("score_head", "denoising_class_embed")) else v for k, v in official.items()
+    }
+    model = convert_official(sliced, "deim-n.yaml").model
+    assert model.model[-1].nc == nc and model.model[-1].enc_score_head.out_features == nc
+
+
+def test_cli_convert_writes_loadable_checkpoint(official, parity_fixture, tmp_path):
+    torch.save({"model": official}, tmp_path / "deim_n_official.pth")
+    cmd = [sys.executable, "-m", "deim_ultra.cli", "convert", "weights=deim_n_official.pth", "model=deim-n.yaml"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    images = parity_fixture["images"][:1]
+    loaded, direct = DEIM(tmp_path / "deim_n_official.pt"), convert_official(official, "deim-n.yaml")
+    assert torch.equal(eval_logits(loaded, images), eval_logits(direct, images))  # float32 kept
