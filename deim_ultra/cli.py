@@ -1,10 +1,10 @@
 """`deim` command line: Ultralytics' `yolo` key=value syntax for DEIM models.
 
-    deim train model=deim-n.yaml data=deepforest.yaml epochs=72 imgsz=640
-    deim val model=runs/detect/train/weights/best.pt
-    deim predict model=best.pt source=image.jpg
-    deim export model=best.pt format=onnx
-    deim convert weights=deim_dfine_hgnetv2_s_coco.pth model=deim-s.yaml
+deim train model=deim-n.yaml data=deepforest.yaml epochs=72 imgsz=640
+deim val model=runs/detect/train/weights/best.pt
+deim predict model=best.pt source=image.jpg
+deim export model=best.pt format=onnx
+deim convert weights=deim_dfine_hgnetv2_s_coco.pth model=deim-s.yaml
 """
 
 from __future__ import annotations

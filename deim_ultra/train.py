@@ -7,10 +7,17 @@ from copy import copy
 from torch import nn
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRValidator
-from ultralytics.utils import RANK
+from ultralytics.utils import LOGGER, RANK
 
 from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
+from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel
+
+
+def backbone_layers(model: DEIMDetectionModel) -> tuple[HGStem, list[HGStage]]:
+    """The HGNetv2 stem and stages of `model`, in order."""
+    stem = next(m for m in model.model if isinstance(m, HGStem))
+    return stem, [m for m in model.model if isinstance(m, HGStage)]
 
 
 class DEIMTrainer(RTDETRTrainer):
@@ -26,6 +33,14 @@ class DEIMTrainer(RTDETRTrainer):
         model = self.set_model_names_for_load(model)
         if weights:
             model.load(weights)
+        elif isinstance(self.args.pretrained, str) and self.args.pretrained:
+            load_hgnetv2_pretrained(*backbone_layers(model), self.args.pretrained)
+            LOGGER.info(f"Backbone initialised from ImageNet weights '{self.args.pretrained}'")
+        else:
+            LOGGER.info(
+                "Backbone starts from random weights; for the authors' ImageNet start pass "
+                "pretrained=path/to/PPHGNetV2_B<k>_stage1.pth"
+            )
         return model
 
     def get_validator(self) -> RTDETRValidator:

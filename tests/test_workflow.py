@@ -43,8 +43,15 @@ def test_train_writes_checkpoints_and_results(trained):
 
 
 def test_cli_val_evaluates_every_label(trained, tiny_data, tmp_path):
-    result = deim_cli("val", f"model={trained / 'weights' / 'best.pt'}", f"data={tiny_data}", f"imgsz={IMGSZ}",
-                      "batch=2", f"project={tmp_path}", cwd=tmp_path)
+    result = deim_cli(
+        "val",
+        f"model={trained / 'weights' / 'best.pt'}",
+        f"data={tiny_data}",
+        f"imgsz={IMGSZ}",
+        "batch=2",
+        f"project={tmp_path}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     labels = sum(len(p.read_text().splitlines()) for p in (tiny_data.parent / "labels" / "val").glob("*.txt"))
     summary = next(line for line in (result.stdout + result.stderr).splitlines() if line.split()[:1] == ["all"])
@@ -52,9 +59,18 @@ def test_cli_val_evaluates_every_label(trained, tiny_data, tmp_path):
 
 
 def test_cli_predict_writes_normalised_boxes(trained, tiny_data, tmp_path):
-    result = deim_cli("predict", f"model={trained / 'weights' / 'best.pt'}", f"source={val_image(tiny_data)}",
-                      f"imgsz={IMGSZ}", "conf=0.0", "save_txt=True", "save_conf=True", f"project={tmp_path}",
-                      "name=pred", cwd=tmp_path)
+    result = deim_cli(
+        "predict",
+        f"model={trained / 'weights' / 'best.pt'}",
+        f"source={val_image(tiny_data)}",
+        f"imgsz={IMGSZ}",
+        "conf=0.0",
+        "save_txt=True",
+        "save_conf=True",
+        f"project={tmp_path}",
+        "name=pred",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = np.loadtxt(next((tmp_path / "pred" / "labels").glob("*.txt")), ndmin=2)
     assert rows.shape[1] == 6  # class, x, y, w, h, conf
@@ -164,3 +180,29 @@ def test_shipped_yamls_build_by_bare_name():
     with torch.no_grad():
         y, _ = model(torch.zeros(1, 3, IMGSZ, IMGSZ))
     assert y.shape == (1, 300, 6)
+
+
+def test_pretrained_backbone_is_loaded_from_local_file(tiny_data, tmp_path):
+    """`pretrained=PPHGNetV2_B0_stage1.pth` (the authors' ImageNet file layout) initialises the backbone."""
+    from deim_ultra.nn.tasks import DEIMDetectionModel
+    from deim_ultra.train import DEIMTrainer, backbone_layers
+
+    torch.manual_seed(1)
+    donor = DEIMDetectionModel("deim-n.yaml", verbose=False)
+    stem, stages = backbone_layers(donor)
+    state = {f"stem.{k}": v for k, v in stem.state_dict().items()}
+    for i, stage in enumerate(stages):
+        state.update({f"stages.{i}.{k}": v for k, v in stage.state_dict().items()})
+    state["head.fc.weight"] = torch.zeros(1000, 2048)  # the classifier of the ImageNet model is ignored
+    path = tmp_path / "PPHGNetV2_B0_stage1.pth"
+    torch.save(state, path)
+    trainer = DEIMTrainer(
+        overrides=dict(model="deim-n.yaml", data=str(tiny_data), pretrained=str(path), project=str(tmp_path), name="t")
+    )
+    trainer.data = {"nc": 3, "channels": 3}
+    model = trainer.get_model(cfg="deim-n.yaml", verbose=False)
+    loaded_stem, loaded_stages = backbone_layers(model)
+    assert torch.equal(loaded_stem.stem1.conv.weight, stem.stem1.conv.weight)
+    assert torch.equal(
+        loaded_stages[3].blocks[0].aggregation[1].conv.weight, stages[3].blocks[0].aggregation[1].conv.weight
+    )
