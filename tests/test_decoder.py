@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_AUTOINSTALL", "False")
-os.environ.setdefault("YOLO_CONFIG_DIR", "/tmp/ycfg")
+from deim_ultra.nn.decoder import DFINEDecoder
+from deim_ultra.nn.fdr import weighting_function
 
-from deim_ultra.nn.decoder import DFINEDecoder  # noqa: E402
-from deim_ultra.nn.fdr import weighting_function  # noqa: E402
-
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "parity" / "deim_n_official.pt"
 N_ARGS = dict(nc=80, hidden_dim=128, ffn_dim=512, num_layers=3, num_points=[6, 6], feat_strides=[16, 32])
 # Official decoder parameters from the fixture (state dict minus the anchors/valid_mask buffers), less the 3 x 12
 # num_points_scale entries (buffers here) and the second copy of the shared up/reg_scale, plus the denoising embedding.
@@ -26,18 +19,10 @@ N_DEPLOY_DROP = 2 * (128 * 80 + 80) + 2 * (20 * 64 + 64 + 64 + 1)  # score heads
 
 
 @pytest.fixture(scope="module")
-def fixture() -> dict:
-    """The official DEIM-N reference tensors."""
-    if not FIXTURE.exists():
-        pytest.skip(f"parity fixture not found at {FIXTURE}")
-    return torch.load(FIXTURE, weights_only=False)
-
-
-@pytest.fixture(scope="module")
-def official_decoder(fixture: dict) -> DFINEDecoder:
+def official_decoder(parity_fixture: dict) -> DFINEDecoder:
     """The N decoder loaded with the fixture's `decoder.*` weights (only the denoising embedding is absent there)."""
     model = DFINEDecoder([128, 128], **N_ARGS)
-    state = {k.removeprefix("decoder."): v for k, v in fixture["state_dict"].items() if k.startswith("decoder.")}
+    state = {k.removeprefix("decoder."): v for k, v in parity_fixture["state_dict"].items() if k.startswith("decoder.")}
     result = model.load_state_dict(state, strict=False)
     assert result.missing_keys == ["denoising_class_embed.weight"]
     assert result.unexpected_keys == []
@@ -50,9 +35,9 @@ def decoder(official_decoder: DFINEDecoder) -> DFINEDecoder:
     return copy.deepcopy(official_decoder)
 
 
-def _dn_batch(fixture: dict) -> dict:
+def _dn_batch(parity_fixture: dict) -> dict:
     """The fixture's targets in the batch format of `DFINEDecoder.forward`."""
-    targets = fixture["targets"]
+    targets = parity_fixture["targets"]
     return {
         "cls": torch.cat([t["labels"] for t in targets]),
         "bboxes": torch.cat([t["boxes_cxcywh_norm"] for t in targets]),
@@ -77,13 +62,13 @@ def _eval(decoder: DFINEDecoder, feats: list[torch.Tensor]) -> tuple[torch.Tenso
         return decoder(feats)
 
 
-def test_eval_matches_official(decoder: DFINEDecoder, fixture: dict):
-    y, out = _eval(decoder, fixture["intermediates_eval"]["encoder"])
-    assert (out["pred_logits"] - fixture["eval"]["pred_logits"]).abs().max() <= 1e-4
-    assert (out["pred_boxes"] - fixture["eval"]["pred_boxes_cxcywh_norm"]).abs().max() <= 1e-4
+def test_eval_matches_official(decoder: DFINEDecoder, parity_fixture: dict):
+    y, out = _eval(decoder, parity_fixture["intermediates_eval"]["encoder"])
+    assert (out["pred_logits"] - parity_fixture["eval"]["pred_logits"]).abs().max() <= 1e-4
+    assert (out["pred_boxes"] - parity_fixture["eval"]["pred_boxes_cxcywh_norm"]).abs().max() <= 1e-4
     assert set(out) == {"pred_logits", "pred_boxes", "pred_corners", "ref_points", "up", "reg_scale"}
 
-    ref = fixture["postprocessed"]
+    ref = parity_fixture["postprocessed"]
     assert y.shape == (2, 300, 6)
     ours_sorted = y[..., 4].sort(-1, descending=True).values
     assert (ours_sorted - ref["scores"].sort(-1, descending=True).values).abs().max() <= 1e-4
@@ -98,7 +83,7 @@ def test_eval_matches_official(decoder: DFINEDecoder, fixture: dict):
         assert err.amin(1).max() <= 1e-2
 
 
-def test_deploy_drops_training_only_parts(decoder: DFINEDecoder, fixture: dict):
+def test_deploy_drops_training_only_parts(decoder: DFINEDecoder, parity_fixture: dict):
     before = sum(p.numel() for p in decoder.parameters())
     decoder.eval().convert_to_deploy()
     assert before - sum(p.numel() for p in decoder.parameters()) == N_DEPLOY_DROP
@@ -108,37 +93,37 @@ def test_deploy_drops_training_only_parts(decoder: DFINEDecoder, fixture: dict):
         "decoder.lqe_layers.2.reg_conf.layers.0.weight" in keys
         and "decoder.lqe_layers.0.reg_conf.layers.0.weight" not in keys
     )
-    _, out = _eval(decoder, fixture["intermediates_eval"]["encoder"])
-    assert (out["pred_logits"] - fixture["eval"]["pred_logits"]).abs().max() <= 1e-4
-    assert (out["pred_boxes"] - fixture["eval"]["pred_boxes_cxcywh_norm"]).abs().max() <= 1e-4
+    _, out = _eval(decoder, parity_fixture["intermediates_eval"]["encoder"])
+    assert (out["pred_logits"] - parity_fixture["eval"]["pred_logits"]).abs().max() <= 1e-4
+    assert (out["pred_boxes"] - parity_fixture["eval"]["pred_boxes_cxcywh_norm"]).abs().max() <= 1e-4
 
 
-def test_training_layout_matches_official_keys_and_count(fixture: dict):
+def test_training_layout_matches_official_keys_and_count(parity_fixture: dict):
     model = DFINEDecoder([128, 128], **N_ARGS)
     assert sum(p.numel() for p in model.parameters()) == N_TRAIN_PARAMS
     assert model.up is model.decoder.up and model.reg_scale is model.decoder.reg_scale
     official = {
-        k.removeprefix("decoder."): v.shape for k, v in fixture["state_dict"].items() if k.startswith("decoder.")
+        k.removeprefix("decoder."): v.shape for k, v in parity_fixture["state_dict"].items() if k.startswith("decoder.")
     }
     ours = {k: v.shape for k, v in model.state_dict().items()}
     assert ours == {**official, "denoising_class_embed.weight": (81, 128)}
 
 
-def test_fresh_anchor_buffers_match_official(fixture: dict):
+def test_fresh_anchor_buffers_match_official(parity_fixture: dict):
     model = DFINEDecoder([128, 128], **N_ARGS)
-    official_anchors = fixture["state_dict"]["decoder.anchors"]
-    assert torch.equal(model.valid_mask, fixture["state_dict"]["decoder.valid_mask"])
+    official_anchors = parity_fixture["state_dict"]["decoder.anchors"]
+    assert torch.equal(model.valid_mask, parity_fixture["state_dict"]["decoder.valid_mask"])
     assert torch.equal(model.anchors.isinf(), official_anchors.isinf())
     finite = official_anchors.isfinite()
     assert (model.anchors[finite] - official_anchors[finite]).abs().max() <= 1e-6
 
 
-def test_train_outputs_have_official_structure(decoder: DFINEDecoder, fixture: dict):
+def test_train_outputs_have_official_structure(decoder: DFINEDecoder, parity_fixture: dict):
     decoder.train()
-    out = decoder(fixture["intermediates_eval"]["encoder"])
-    assert _shapes(out) == _shapes(fixture["train_no_denoising"]["outputs"])
+    out = decoder(parity_fixture["intermediates_eval"]["encoder"])
+    assert _shapes(out) == _shapes(parity_fixture["train_no_denoising"]["outputs"])
     # Without dropout or denoising the training forward on the same memory reproduces the eval numbers.
-    assert (out["pred_logits"] - fixture["eval"]["pred_logits"]).abs().max() <= 1e-4
+    assert (out["pred_logits"] - parity_fixture["eval"]["pred_logits"]).abs().max() <= 1e-4
     assert out["aux_outputs"][0]["teacher_corners"] is out["pred_corners"]
     # Queries are detached from the proposals: the decoder loss alone gives the proposal heads no gradient.
     out["pred_boxes"].sum().backward()
@@ -146,8 +131,8 @@ def test_train_outputs_have_official_structure(decoder: DFINEDecoder, fixture: d
     assert decoder.dec_bbox_head[0].layers[-1].weight.grad.abs().sum() > 0  # FDR chains corners across layers
 
 
-def test_train_denoising_outputs_and_mask(decoder: DFINEDecoder, fixture: dict):
-    feats, batch = fixture["intermediates_eval"]["encoder"], _dn_batch(fixture)
+def test_train_denoising_outputs_and_mask(decoder: DFINEDecoder, parity_fixture: dict):
+    feats, batch = parity_fixture["intermediates_eval"]["encoder"], _dn_batch(parity_fixture)
     decoder.train()
     with torch.no_grad():
         plain = decoder(feats)
@@ -180,8 +165,8 @@ def _moved_ok(new: torch.Tensor, old: torch.Tensor, half: torch.Tensor, u_min: t
     return clipped | ((u >= u_min - 1e-3) & (u <= u_min + 1 + 1e-3))
 
 
-def test_denoising_boxes_follow_official_noise(decoder: DFINEDecoder, fixture: dict):
-    batch = _dn_batch(fixture)
+def test_denoising_boxes_follow_official_noise(decoder: DFINEDecoder, parity_fixture: dict):
+    batch = _dn_batch(parity_fixture)
     decoder.train()
     torch.manual_seed(0)
     _, dn_bbox, attn_mask, meta = decoder._denoising_group(batch, 300)
@@ -191,7 +176,7 @@ def test_denoising_boxes_follow_official_noise(decoder: DFINEDecoder, fixture: d
     slot = torch.arange(num_dn) % slots
     negative = torch.arange(num_dn) // slots % 2 == 1
     boxes, flipped = dn_bbox.sigmoid(), 0
-    for b, gt in enumerate(fixture["targets"]):
+    for b, gt in enumerate(parity_fixture["targets"]):
         n = len(gt["labels"])
         # Padding slots hold the official all-zero box, i.e. inverse_sigmoid(0) = log(1e-5) logits.
         assert torch.all(dn_bbox[b, slot >= n] == math.log(1e-5))
@@ -226,11 +211,11 @@ def test_other_input_size_regenerates_anchors(official_decoder: DFINEDecoder):
     )
 
 
-def test_export_mode_returns_topk_tensor(decoder: DFINEDecoder, fixture: dict):
+def test_export_mode_returns_topk_tensor(decoder: DFINEDecoder, parity_fixture: dict):
     decoder.export, decoder.max_det = True, 100
-    y = _eval(decoder, fixture["intermediates_eval"]["encoder"])
+    y = _eval(decoder, parity_fixture["intermediates_eval"]["encoder"])
     assert isinstance(y, torch.Tensor) and y.shape == (2, 100, 6)
-    assert (y[..., 4] - fixture["postprocessed"]["scores"][:, :100]).abs().max() <= 1e-4
+    assert (y[..., 4] - parity_fixture["postprocessed"]["scores"][:, :100]).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("reg_scale", [4.0, 8.0])

@@ -11,6 +11,7 @@ from torch import nn
 from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.encoder_blocks import CSPLayer, sincos_pos_embed_2d
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
+from deim_ultra.nn.tasks import DEIMDetectionModel
 
 # SPEC section 1: (c1, hidden_dim, ffn_dim, expansion, depth_mult, strides) per size.
 SIZES = {
@@ -20,15 +21,6 @@ SIZES = {
     "L": ([512, 1024, 2048], 256, 1024, 1.0, 1.0, [8, 16, 32]),
     "X": ([512, 1024, 2048], 384, 2048, 1.0, 1.0, [8, 16, 32]),
 }
-# HGNetv2-B0 with LAB as in the fixture's backbone: stem (mid, out), stages (mid, out, blocks, downsample, light,
-# kernel, layers).
-B0_STEM = (16, 16)
-B0_STAGES = [
-    (16, 64, 1, False, False, 3, 3),
-    (32, 256, 1, True, False, 3, 3),
-    (64, 512, 2, True, True, 5, 3),
-    (128, 1024, 1, True, True, 5, 3),
-]
 
 
 def n_params(module: nn.Module) -> int:
@@ -43,11 +35,9 @@ def official_encoder_state(parity_fixture: dict) -> dict[str, torch.Tensor]:
 def b0_backbone_features(parity_fixture: dict) -> list[torch.Tensor]:
     """The official B0's train-mode stride-16/32 features for the fixture images: [(2,512,40,40), (2,1024,20,20)]."""
     sd = parity_fixture["state_dict"]
-    stem = HGStem(3, *B0_STEM, use_lab=True)
-    stages, c = [], stem.out_channels
-    for args in B0_STAGES:
-        stages.append(HGStage(c, *args, use_lab=True))
-        c = stages[-1].out_channels
+    layers = DEIMDetectionModel("deim-n.yaml", verbose=False).model
+    (stem,) = (m for m in layers if isinstance(m, HGStem))
+    stages = [m for m in layers if isinstance(m, HGStage)]
     for module, prefix in [(stem, "backbone.stem."), *((s, f"backbone.stages.{i}.") for i, s in enumerate(stages))]:
         module.load_state_dict({k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)})
     feats, x = [], stem(parity_fixture["images"])

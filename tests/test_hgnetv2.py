@@ -9,46 +9,17 @@ import torch
 from torch import nn
 
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
+from deim_ultra.nn.tasks import DEIMDetectionModel
 
-# YAML args (input channels come from the previous layer), from the authors' HGNetv2 configurations:
-# stem [mid, out]; stages [mid, out, num_blocks, downsample, light, kernel, layer_num]; use_lab.
-VARIANTS = {
-    "B0": (
-        [16, 16],
-        [[16, 64, 1, False, False, 3, 3], [32, 256, 1, True, False, 3, 3], [64, 512, 2, True, True, 5, 3],
-         [128, 1024, 1, True, True, 5, 3]],
-        True,
-    ),
-    "B2": (
-        [24, 32],
-        [[32, 96, 1, False, False, 3, 4], [64, 384, 1, True, False, 3, 4], [128, 768, 3, True, True, 5, 4],
-         [256, 1536, 1, True, True, 5, 4]],
-        True,
-    ),
-    "B4": (
-        [32, 48],
-        [[48, 128, 1, False, False, 3, 6], [96, 512, 1, True, False, 3, 6], [192, 1024, 3, True, True, 5, 6],
-         [384, 2048, 1, True, True, 5, 6]],
-        False,
-    ),
-    "B5": (
-        [32, 64],
-        [[64, 128, 1, False, False, 3, 6], [128, 512, 2, True, False, 3, 6], [256, 1024, 5, True, True, 5, 6],
-         [512, 2048, 2, True, True, 5, 6]],
-        False,
-    ),
-}  # fmt: skip
+# The shipped model whose backbone is each HGNetv2 variant (SPEC section 1).
+VARIANT_MODELS = {"B0": "deim-n.yaml", "B2": "deim-m.yaml", "B4": "deim-l.yaml", "B5": "deim-x.yaml"}
 
 
 def build(variant: str) -> tuple[HGStem, list[HGStage]]:
-    """Stem and four stages chained the way the YAML parser does: each layer gets the previous out_channels first."""
-    stem_args, stages_args, use_lab = VARIANTS[variant]
-    stem = HGStem(3, *stem_args, use_lab)
-    stages, c1 = [], stem.out_channels
-    for args in stages_args:
-        stages.append(HGStage(c1, *args, use_lab))
-        c1 = stages[-1].out_channels
-    return stem, stages
+    """Stem and four stages of the shipped model YAML, as its parser builds them from the layers' args."""
+    layers = DEIMDetectionModel(VARIANT_MODELS[variant], verbose=False).model
+    (stem,) = (m for m in layers if isinstance(m, HGStem))
+    return stem, [m for m in layers if isinstance(m, HGStage)]
 
 
 def official_state(stem: nn.Module, stages: list[nn.Module], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -106,7 +77,7 @@ def test_b0_reproduces_official_features(parity_fixture):
 def test_stage_channels_strides_and_no_lab(variant):
     stem, stages = build(variant)
     outputs = run(stem, stages, torch.rand(1, 3, 64, 64))
-    expected_channels = [args[1] for args in VARIANTS[variant][1]]
+    expected_channels = [128, 512, 1024, 2048]  # B4 and B5 differ in depth and stem width only
     strides = (4, 8, 16, 32)
     assert [tuple(o.shape) for o in outputs] == [(1, c, 64 // s, 64 // s) for c, s in zip(expected_channels, strides)]
     assert [s.out_channels for s in stages] == expected_channels

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from itertools import permutations
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,6 @@ from deim_ultra.loss import (
 )
 from deim_ultra.loss import criterion as criterion_module
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "parity" / "deim_n_official.pt"
-
 
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
@@ -38,12 +35,10 @@ def bce(x: float, t: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def official():
-    if not FIXTURE.exists():
-        pytest.skip(f"parity fixture not found at {FIXTURE}")
-    fx = torch.load(FIXTURE, weights_only=False)
-    targets = [{"labels": t["labels"], "boxes": t["boxes_cxcywh_norm"]} for t in fx["targets"]]
-    return fx["train_no_denoising"], targets
+def official(parity_fixture: dict) -> tuple[dict, list[dict]]:
+    """The authors' training-mode outputs and loss terms, and the fixture's targets in the criterion's format."""
+    targets = [{"labels": t["labels"], "boxes": t["boxes_cxcywh_norm"]} for t in parity_fixture["targets"]]
+    return parity_fixture["train_no_denoising"], targets
 
 
 def test_parity_with_official_terms(official):

@@ -142,7 +142,8 @@ class DEIMDetectionModel(RTDETRDetectionModel):
 
         Returns:
             (torch.Tensor): Sum of all weighted loss terms, for backpropagation.
-            (dict[str, torch.Tensor]): Detached sums per loss kind (classification, bbox, giou, fgl, ddf).
+            (dict[str, torch.Tensor]): Detached sums per loss kind (classification, bbox, giou, fgl, ddf) and
+                `pos_per_img`, the final layer's matched positives per image.
         """
         if self.criterion is None:
             self.criterion = self.init_criterion()
@@ -162,6 +163,8 @@ class DEIMDetectionModel(RTDETRDetectionModel):
         for name, value in terms.items():
             kind = name.split("_")[1]
             groups[kind] = groups[kind] + value.detach()
+        # Not a loss: matched positives per image, the quantity Dense O2O raises, logged beside the loss columns.
+        groups["pos_per_img"] = img.new_tensor(self.criterion.last_pos_per_img)
         return sum(terms.values(), zero), groups
 
     def fuse(self, verbose: bool = True, imgsz: int = 640) -> DEIMDetectionModel:
