@@ -63,3 +63,16 @@ def test_cli_convert_writes_loadable_checkpoint(official, parity_fixture, tmp_pa
     images = parity_fixture["images"][:1]
     loaded, direct = DEIM(tmp_path / "deim_n_official.pt"), convert_official(official, "deim-n.yaml")
     assert torch.equal(eval_logits(loaded, images), eval_logits(direct, images))  # float32 kept
+
+
+def test_dfine_checkpoint_converts_into_a_relu_yaml(official, parity_fixture, tmp_path):
+    """D-FINE has DEIM's layout with ReLU in the decoder: the same weights load into a YAML that says relu."""
+    from deim_ultra.cfg import resolve_model_yaml
+
+    dfine_yaml = tmp_path / "dfine-n.yaml"
+    dfine_yaml.write_text(resolve_model_yaml("deim-n.yaml").read_text().replace(", silu,", ", relu,"))
+    dfine = convert_official(official, dfine_yaml)
+    assert isinstance(dfine.model.model[-1].decoder.layers[0].act, torch.nn.ReLU)
+    deim = convert_official(official, "deim-n.yaml")
+    images = parity_fixture["images"][:1]
+    assert not torch.allclose(eval_logits(dfine, images), eval_logits(deim, images))

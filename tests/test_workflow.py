@@ -15,7 +15,7 @@ IMGSZ = 160
 def deim_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the installed `deim` command from `cwd` (outside the repository, so package data must be installed)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [sys.executable, "-m", "deim_ultra.cli", *args]
+    cmd = [str(Path(sys.executable).with_name("deim")), *args]  # the console script `pip install .` created
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
