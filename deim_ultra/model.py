@@ -8,9 +8,10 @@ from typing import Any
 from ultralytics.engine.model import Model
 from ultralytics.models.rtdetr.predict import RTDETRPredictor
 from ultralytics.models.rtdetr.val import RTDETRValidator
+from ultralytics.nn.tasks import RTDETRDetectionModel
 
 from deim_ultra.cfg import resolve_data_yaml, resolve_model_yaml
-from deim_ultra.nn.tasks import DEIMDetectionModel
+from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer
 
 
@@ -51,10 +52,10 @@ class DEIM(Model):
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:
-        """DEIM's model and trainer, Ultralytics' RT-DETR validator and predictor."""
+        """DEIM's model builder and trainer, Ultralytics' RT-DETR validator and predictor."""
         return {
             "detect": {
-                "model": DEIMDetectionModel,
+                "model": build_detection_model,
                 "trainer": DEIMTrainer,
                 "validator": RTDETRValidator,
                 "predictor": RTDETRPredictor,
@@ -62,22 +63,28 @@ class DEIM(Model):
         }
 
     def _new(self, cfg: str, task: str | None = None, verbose: bool = False) -> None:
-        """Build from a YAML, resolving shipped names such as 'deim-s.yaml' first."""
+        """Build from a YAML: a shipped name such as 'deim-s.yaml', a path, or an Ultralytics rtdetr-*.yaml."""
         super()._new(str(resolve_model_yaml(cfg)), task=task, verbose=verbose)
 
     def _load(self, weights: str, task: str | None = None) -> None:
-        """Load a checkpoint or export, refusing `.pt` files that do not hold a DEIM model."""
+        """Load a checkpoint or export, refusing `.pt` files that hold neither a DEIM nor an RT-DETR model."""
         super()._load(weights, task=task)
-        if str(weights).endswith(".pt") and not isinstance(self.model, DEIMDetectionModel):
+        if str(weights).endswith(".pt") and not isinstance(self.model, RTDETRDetectionModel):
             raise TypeError(
                 f"'{weights}' holds a {type(self.model).__name__}, not a DEIM model. Load it with the Ultralytics "
                 "class it was trained with (e.g. ultralytics.YOLO), or train a DEIM model from 'deim-n.yaml'."
             )
 
     def train(self, trainer=None, **kwargs: Any):
-        """Train, accepting shipped dataset names such as `data="deepforest.yaml"`; see Ultralytics' `Model.train`."""
+        """Train; see Ultralytics' `Model.train`. Accepts shipped dataset names such as `data="deepforest.yaml"`.
+
+        With `recipe=auto` (the default) the recipe is the model's own (`recipe` in its YAML, e.g. `s` for
+        deim-s.yaml), so a checkpoint fine-tunes with its size's defaults.
+        """
         if "data" in kwargs:
             kwargs["data"] = resolve_data_yaml(kwargs["data"])
+        if kwargs.get("recipe", "auto") == "auto" and not kwargs.get("resume"):
+            kwargs["recipe"] = getattr(self.model, "yaml", {}).get("recipe", "none")
         return super().train(trainer=trainer, **kwargs)
 
     def val(self, validator=None, **kwargs: Any):

@@ -1,50 +1,257 @@
-"""`DEIMTrainer`: Ultralytics' RT-DETR trainer building DEIM models and accepting DEIM's settings."""
+"""`DEIMTrainer`: Ultralytics' RT-DETR trainer running DEIM's recipe.
+
+On top of Ultralytics' loop it adds, when a recipe is active (`recipe=n|s|m|l|x`, chosen from the model YAML by
+default): the stage schedule of Dense O2O (data-aug warmup, mosaic + batch mixup, plain augmentation, no-aug tail),
+FlatCosine learning rate per iteration, AdamW with the backbone's own lr and no weight decay on norms and biases,
+gradient clipping, EMA warm-up and multi-scale batches. Every piece is derived from the epoch and iteration
+counters, so `resume=True` continues in the right stage with the right lr. `recipe=none` keeps Ultralytics'
+RT-DETR training (its augmentation, optimizer and lr schedule) with the DEIM criterion: the baseline recipe.
+"""
 
 from __future__ import annotations
 
+import random
 from copy import copy
+from functools import partial
 
+import torch
 from torch import nn
 from ultralytics.models.rtdetr.train import RTDETRTrainer
-from ultralytics.models.rtdetr.val import RTDETRValidator
-from ultralytics.utils import LOGGER, RANK
+from ultralytics.models.rtdetr.val import RTDETRDataset, RTDETRValidator
+from ultralytics.utils import LOGGER, RANK, colorstr
 
 from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
+from deim_ultra.data.dataset import DEIMDataset
+from deim_ultra.data.mixup import batch_mixup
+from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
-from deim_ultra.nn.tasks import DEIMDetectionModel
+from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
+from deim_ultra.optim import build_adamw
+from deim_ultra.schedule import RECIPES, ema_decay, flat_cosine_factor, multiscale_sizes, scale_policy, stage_at
 
 
-def backbone_layers(model: DEIMDetectionModel) -> tuple[HGStem, list[HGStage]]:
-    """The HGNetv2 stem and stages of `model`, in order."""
+def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
+    """The HGNetv2 stem and stages of a DEIM model, in order."""
     stem = next(m for m in model.model if isinstance(m, HGStem))
     return stem, [m for m in model.model if isinstance(m, HGStage)]
 
 
+def backbone_modules(model: nn.Module) -> list[nn.Module]:
+    """Layers that get the backbone learning rate: those of the YAML's `backbone` section."""
+    return list(model.model[: len(model.yaml["backbone"])])
+
+
+def recipe_overrides(overrides: dict) -> dict:
+    """Return `overrides` completed with the per-size recipe's defaults for every key the user did not set.
+
+    `recipe=auto` takes the model YAML's `recipe` key; a model without one (e.g. Ultralytics' rtdetr-l.yaml) and
+    `recipe=none` keep Ultralytics' defaults.
+    """
+    name = str(overrides.get("recipe", DEIM_CFG_DICT["recipe"]))
+    if name == "auto":
+        name = str(model_yaml(overrides.get("model")).get("recipe", "none"))
+    if name == "none":
+        return {**overrides, "recipe": "none"}
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name} is not one of {', '.join(RECIPES)}, auto or none")
+    r = RECIPES[name]
+    defaults = {
+        "recipe": name,
+        "epochs": r.epochs,
+        "batch": r.batch,
+        "optimizer": "AdamW",
+        "lr0": r.lr,
+        "backbone_lr": r.backbone_lr,
+        "weight_decay": r.weight_decay,
+        "lr_gamma": r.lr_gamma,
+        "base_size_repeat": r.base_size_repeat,
+        "warmup_iters": r.warmup_iters,
+        "ema_decay": r.ema_decay,
+        "ema_tau": r.ema_tau,
+        "clip_max_norm": r.clip_max_norm,
+        "warmup_epochs": 0,  # FlatCosine has its own warmup, in iterations
+        # One optimizer step per batch with weight decay as given: Ultralytics would accumulate up to nbs images.
+        "nbs": overrides.get("batch", r.batch),
+        "close_mosaic": 0,  # the no-aug tail replaces Ultralytics' close_mosaic
+    }
+    return {**defaults, **overrides}
+
+
+def model_yaml(model) -> dict:
+    """The YAML dict of a model argument (YAML path/name or checkpoint), or {} when it cannot be read cheaply."""
+    from deim_ultra.cfg import resolve_model_yaml
+
+    if str(model).endswith((".yaml", ".yml")):
+        from ultralytics.nn.tasks import yaml_model_load
+
+        return yaml_model_load(resolve_model_yaml(model))
+    return getattr(model, "yaml", {}) or {}
+
+
+def freeze_constants(model: nn.Module) -> None:
+    """Re-freeze the decoder's fixed FDR constants (`up`, `reg_scale`), which Ultralytics' set-up unfreezes."""
+    for m in model.modules():
+        if isinstance(m, DFINEDecoder):
+            m.up.requires_grad_(False)
+            m.reg_scale.requires_grad_(False)
+
+
+def constant_lr(_: int) -> float:
+    """Ultralytics' per-epoch scheduler is neutralised: FlatCosine sets the lr every iteration."""
+    return 1.0
+
+
+def on_train_epoch_start(trainer: DEIMTrainer) -> None:
+    """Switch the data pipeline when the epoch enters a new stage, and restart the epoch's iteration count."""
+    trainer.batch_in_epoch = 0
+    trainer.apply_stage()
+
+
+def on_train_batch_start(trainer: DEIMTrainer) -> None:
+    """Set the FlatCosine learning rate of this iteration."""
+    trainer.apply_lr()
+    trainer.batch_in_epoch += 1
+
+
 class DEIMTrainer(RTDETRTrainer):
-    """Trains DEIM models; settings are Ultralytics' plus those in deim-ultra's `cfg/default.yaml`."""
+    """Trains DEIM models (and Ultralytics RT-DETR models) with DEIM's criterion and, optionally, its recipe."""
 
     def __init__(self, cfg: dict = DEIM_CFG_DICT, overrides: dict | None = None, _callbacks: dict | None = None):
-        """Validate `overrides` against Ultralytics' and DEIM's keys together."""
-        super().__init__(cfg=cfg, overrides=overrides, _callbacks=_callbacks)
+        """Validate `overrides` against Ultralytics' and DEIM's keys, completed with the recipe's defaults."""
+        super().__init__(cfg=cfg, overrides=recipe_overrides(overrides or {}), _callbacks=_callbacks)
+        self.stage = None
+        self.batch_in_epoch = 0
+        self.policy = None
+        self.scale_rng = random.Random(self.args.seed)
+        self.mixup_rng = torch.Generator().manual_seed(self.args.seed)
+        if self.recipe_active:
+            self.add_callback("on_train_epoch_start", on_train_epoch_start)
+            self.add_callback("on_train_batch_start", on_train_batch_start)
+
+    @property
+    def recipe_active(self) -> bool:
+        """Whether DEIM's schedule runs (any recipe but `none`)."""
+        return self.args.recipe != "none"
 
     def get_model(self, cfg: str | dict | None = None, weights: nn.Module | None = None, verbose: bool = True):
-        """Build a DEIM model for the dataset's classes, loading `weights` where given."""
-        model = DEIMDetectionModel(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
+        """Build the model for the dataset's classes (DEIM or Ultralytics RT-DETR layers), loading `weights`."""
+        model = build_detection_model(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
         model = self.set_model_names_for_load(model)
         if weights:
             model.load(weights)
         elif isinstance(self.args.pretrained, str) and self.args.pretrained:
             load_hgnetv2_pretrained(*backbone_layers(model), self.args.pretrained)
             LOGGER.info(f"Backbone initialised from ImageNet weights '{self.args.pretrained}'")
-        else:
+        elif isinstance(model, DEIMDetectionModel):
             LOGGER.info(
                 "Backbone starts from random weights; for the authors' ImageNet start pass "
                 "pretrained=path/to/PPHGNetV2_B<k>_stage1.pth"
             )
         return model
 
+    def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
+        """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation."""
+        dataset_class = DEIMDataset if mode == "train" and self.recipe_active else RTDETRDataset
+        return dataset_class(
+            img_path=img_path,
+            imgsz=self.args.imgsz,
+            batch_size=batch,
+            augment=mode == "train",
+            hyp=self.args,
+            rect=False,
+            cache=self.args.cache or None,
+            single_cls=self.args.single_cls or False,
+            prefix=colorstr(f"{mode}: "),
+            classes=self.args.classes,
+            data=self.data,
+            fraction=self.args.fraction if mode == "train" else 1.0,
+        )
+
     def get_validator(self) -> RTDETRValidator:
         """Ultralytics' RT-DETR validator, given only the settings it knows."""
         return RTDETRValidator(
             self.test_loader, save_dir=self.save_dir, args=copy(ultralytics_args(self.args)), _callbacks=self.callbacks
         )
+
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """AdamW with DEIM's parameter groups under a recipe; Ultralytics' choice otherwise."""
+        freeze_constants(model)
+        if not self.recipe_active:
+            return super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        optimizer = build_adamw(
+            model, lr=lr, backbone_lr=self.args.backbone_lr, weight_decay=decay, backbone=backbone_modules(model)
+        )
+        LOGGER.info(
+            f"{colorstr('optimizer:')} AdamW(lr={lr}, backbone lr={self.args.backbone_lr}, "
+            f"weight_decay={decay}; none on norms and biases)"
+        )
+        return optimizer
+
+    def _setup_scheduler(self):
+        """Under a recipe the lr is set per iteration (FlatCosine); the epoch scheduler only records initial_lr."""
+        if not self.recipe_active:
+            return super()._setup_scheduler()
+        self.lf = constant_lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+
+    def _setup_train(self):
+        """Ultralytics' set-up, then the recipe's stage boundaries and EMA warm-up."""
+        super()._setup_train()
+        if not self.recipe_active:
+            return
+        self.policy = (
+            tuple(self.args.policy_epochs)
+            if self.args.policy_epochs
+            else scale_policy(RECIPES[self.args.recipe].policy_epochs, RECIPES[self.args.recipe].epochs, self.epochs)
+        )
+        self.ema.decay = partial(ema_decay, decay=self.args.ema_decay, tau=self.args.ema_tau)
+        LOGGER.info(
+            f"{colorstr('DEIM schedule:')} recipe {self.args.recipe}, policy epochs {list(self.policy)} of "
+            f"{self.epochs}: warmup < {self.policy[0]} <= Dense O2O < {self.policy[1]} <= augment < "
+            f"{self.policy[2]} <= no-aug tail"
+        )
+
+    def apply_stage(self) -> None:
+        """Put the training set in the stage of the current epoch; rebuild the loader's workers when it changes."""
+        stage = stage_at(self.epoch, self.policy)
+        if stage == self.stage:
+            return
+        self.stage = stage
+        self.train_loader.dataset.set_stage(stage)
+        self.train_loader.reset()  # workers hold copies of the dataset: restart them with the new pipeline
+        LOGGER.info(f"{colorstr('DEIM schedule:')} epoch {self.epoch + 1} enters stage '{stage}'")
+
+    def apply_lr(self) -> None:
+        """FlatCosine: set every parameter group's lr for the current iteration."""
+        iteration = self.epoch * len(self.train_loader) + self.batch_in_epoch
+        factor = flat_cosine_factor(
+            iteration, len(self.train_loader), self.policy, self.args.warmup_iters, self.args.lr_gamma
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def preprocess_batch(self, batch: dict) -> dict:
+        """Ultralytics' preprocessing, then batch mixup in the Dense O2O stage and one random size per batch."""
+        batch = super().preprocess_batch(batch)
+        if not self.recipe_active:
+            return batch
+        if self.stage == "dense_o2o":
+            batch = batch_mixup(batch, generator=self.mixup_rng, p=self.args.mixup_prob)
+        sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat)
+        if sizes and self.stage != "no_aug":
+            size = self.scale_rng.choice(sizes)
+            if size != batch["img"].shape[-1]:
+                batch["img"] = nn.functional.interpolate(batch["img"], size=(size, size), mode="bilinear")
+        return batch
+
+    def optimizer_step(self):
+        """Ultralytics' step with the recipe's gradient-norm clip (0.1) instead of its fixed 10."""
+        if not self.recipe_active:
+            return super().optimizer_step()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.args.clip_max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ultralytics.utils import DEFAULT_CFG_DICT, YAML
+from ultralytics.utils.checks import check_yaml
 
 CFG_DIR = Path(__file__).resolve().parent
 DEIM_DEFAULTS: dict = YAML.load(CFG_DIR / "default.yaml")
@@ -25,7 +26,9 @@ def _resolve(name: str | Path, folder: Path, kind: str) -> Path:
 
 
 def resolve_model_yaml(name: str | Path) -> Path:
-    """Path of a model YAML: a file on disk, or a shipped name such as 'deim-s.yaml'."""
+    """Path of a model YAML: a file on disk, a shipped name such as 'deim-s.yaml', or an Ultralytics RT-DETR one."""
+    if not Path(name).is_file() and not (CFG_DIR / Path(name).name).is_file() and "rtdetr" in Path(name).stem:
+        return Path(check_yaml(name))  # Ultralytics' own rtdetr-*.yaml, for training them with the DEIM recipe
     return _resolve(name, CFG_DIR, "Model YAML")
 
 

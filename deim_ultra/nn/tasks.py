@@ -38,6 +38,7 @@ class Pick(nn.Module):
 
 
 MODULES: dict[str, type[nn.Module]] = {m.__name__: m for m in (HGStem, HGStage, HybridEncoder, Pick, DFINEDecoder)}
+DEIM_DEFAULT_REG_MAX = 32  # criterion setting for heads without a distribution (Ultralytics' RT-DETR decoder)
 
 
 def resolve_module(name: str) -> type[nn.Module]:
@@ -83,7 +84,91 @@ def parse_deim_model(cfg: dict, ch: int, verbose: bool = True) -> tuple[nn.Seque
     return nn.Sequential(*layers), sorted(save)
 
 
-class DEIMDetectionModel(RTDETRDetectionModel):
+class DEIMLoss:
+    """The DEIM criterion for an RT-DETR-style detection model (mixin for RTDETRDetectionModel subclasses)."""
+
+    def criterion_outputs(self, preds):
+        """The head's outputs as the criterion's dict; DEIM's decoder already returns it."""
+        return preds
+
+    def init_criterion(self) -> DEIMCriterion:
+        """The DEIM criterion, configured from the training arguments (`cls_loss`, `mal_gamma`, `loss_*`, `o2m`)."""
+        args = getattr(self, "args", None)
+        cls_loss = deim_arg(args, "cls_loss")
+        weights = {name: deim_arg(args, f"loss_{name}") for name in ("bbox", "giou", "fgl", "ddf")}
+        weights[cls_loss] = deim_arg(args, "loss_mal")  # one classification weight, whichever loss is chosen
+        return DEIMCriterion(
+            nc=self.model[-1].nc,
+            weights=weights,
+            cls_loss=cls_loss,
+            mal_gamma=deim_arg(args, "mal_gamma"),
+            reg_max=getattr(self.model[-1], "reg_max", DEIM_DEFAULT_REG_MAX),
+            o2m=deim_arg(args, "o2m"),
+        )
+
+    def loss(self, batch: dict, preds: tuple | dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Compute the DEIM loss of a batch.
+
+        Args:
+            batch (dict): Ultralytics batch: `img` (B, 3, H, W), `cls` (N, 1), `bboxes` (N, 4) normalised xywh,
+                `batch_idx` (N,) image index of each box.
+            preds (tuple | dict, optional): Head outputs already computed for `batch["img"]`: the training dict, or
+                the eval-mode `(detections, outputs)` pair a validator passes.
+
+        Returns:
+            (torch.Tensor): Sum of all weighted loss terms, for backpropagation.
+            (dict[str, torch.Tensor]): Detached sums per loss kind (classification, bbox, giou, fgl, ddf) and
+                `pos_per_img`, the final layer's matched positives per image.
+        """
+        if getattr(self, "criterion", None) is None:
+            self.criterion = self.init_criterion()
+        img = batch["img"]
+        batch_idx = batch["batch_idx"].to(img.device, dtype=torch.long).view(-1)
+        cls = batch["cls"].to(img.device, dtype=torch.long).view(-1)
+        bboxes = batch["bboxes"].to(img.device)
+        gt_groups = torch.bincount(batch_idx, minlength=img.shape[0]).tolist()
+        if preds is None:
+            dn_batch = {"cls": cls, "bboxes": bboxes, "batch_idx": batch_idx, "gt_groups": gt_groups}
+            preds = self.predict(img, batch=dn_batch)
+        outputs = self.criterion_outputs(preds if self.training else preds[1])
+        targets = [{"labels": c, "boxes": b} for c, b in zip(cls.split(gt_groups), bboxes.split(gt_groups))]
+        terms = self.criterion(outputs, targets)
+        zero = img.new_zeros(())
+        groups = {kind: zero for kind in (self.criterion.cls_loss, "bbox", "giou", "fgl", "ddf")}
+        for name, value in terms.items():
+            kind = name.split("_")[1]
+            groups[kind] = groups[kind] + value.detach()
+        # Not a loss: matched positives per image, the quantity Dense O2O raises, logged beside the loss columns.
+        groups["pos_per_img"] = img.new_tensor(self.criterion.last_pos_per_img)
+        return sum(terms.values(), zero), groups
+
+
+class RTDETRDEIMModel(DEIMLoss, RTDETRDetectionModel):
+    """Ultralytics' RT-DETR model (e.g. rtdetr-l.yaml) trained with the DEIM criterion: MAL, matching, L1/GIoU.
+
+    Its decoder has no distribution head, so there are no FGL/DDF terms and no pre-layer outputs.
+    """
+
+    def criterion_outputs(self, preds: tuple) -> dict:
+        """Turn RTDETRDecoder's `(dec_bboxes, dec_scores, enc_bboxes, enc_scores, dn_meta)` into the criterion dict.
+
+        dec_bboxes (L, B, dn+Q, 4) sigmoid cxcywh and dec_scores (L, B, dn+Q, nc) logits per decoder layer; enc_bboxes
+        (B, Q, 4) and enc_scores (B, Q, nc) of the top-k encoder queries; dn_meta with `dn_num_split` [dn, Q] or None.
+        """
+        dec_bboxes, dec_scores, enc_bboxes, enc_scores, dn_meta = preds
+        layers = [{"pred_logits": s, "pred_boxes": b} for b, s in zip(dec_bboxes, dec_scores)]
+        if dn_meta is not None:
+            num_dn = dn_meta["dn_num_split"][0]
+            dn = [{k: v[:, :num_dn] for k, v in layer.items()} for layer in layers]
+            layers = [{k: v[:, num_dn:] for k, v in layer.items()} for layer in layers]
+        outputs = {**layers[-1], "aux_outputs": layers[:-1]}
+        outputs["enc_aux_outputs"] = [{"pred_logits": enc_scores, "pred_boxes": enc_bboxes}]
+        if dn_meta is not None:
+            outputs.update(dn_outputs=dn, dn_meta=dn_meta)
+        return outputs
+
+
+class DEIMDetectionModel(DEIMLoss, RTDETRDetectionModel):
     """DEIM-D-FINE detector: HGNetv2 backbone, hybrid encoder and D-FINE decoder, trained with the DEIM criterion.
 
     It keeps Ultralytics' RT-DETR model interface (`predict`, `loss`, `fuse`, checkpoint pickling), so Ultralytics'
@@ -116,57 +201,6 @@ class DEIMDetectionModel(RTDETRDetectionModel):
             self.info()
             LOGGER.info("")
 
-    def init_criterion(self) -> DEIMCriterion:
-        """The DEIM criterion, configured from the training arguments (`cls_loss`, `mal_gamma`, `loss_*`, `o2m`)."""
-        args = getattr(self, "args", None)
-        cls_loss = deim_arg(args, "cls_loss")
-        weights = {name: deim_arg(args, f"loss_{name}") for name in ("bbox", "giou", "fgl", "ddf")}
-        weights[cls_loss] = deim_arg(args, "loss_mal")  # one classification weight, whichever loss is chosen
-        return DEIMCriterion(
-            nc=self.model[-1].nc,
-            weights=weights,
-            cls_loss=cls_loss,
-            mal_gamma=deim_arg(args, "mal_gamma"),
-            reg_max=self.model[-1].reg_max,
-            o2m=deim_arg(args, "o2m"),
-        )
-
-    def loss(self, batch: dict, preds: tuple | dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Compute the DEIM loss of a batch.
-
-        Args:
-            batch (dict): Ultralytics batch: `img` (B, 3, H, W), `cls` (N, 1), `bboxes` (N, 4) normalised xywh,
-                `batch_idx` (N,) image index of each box.
-            preds (tuple | dict, optional): Head outputs already computed for `batch["img"]`: the training dict, or
-                the eval-mode `(detections, outputs)` pair a validator passes.
-
-        Returns:
-            (torch.Tensor): Sum of all weighted loss terms, for backpropagation.
-            (dict[str, torch.Tensor]): Detached sums per loss kind (classification, bbox, giou, fgl, ddf) and
-                `pos_per_img`, the final layer's matched positives per image.
-        """
-        if self.criterion is None:
-            self.criterion = self.init_criterion()
-        img = batch["img"]
-        batch_idx = batch["batch_idx"].to(img.device, dtype=torch.long).view(-1)
-        cls = batch["cls"].to(img.device, dtype=torch.long).view(-1)
-        bboxes = batch["bboxes"].to(img.device)
-        gt_groups = torch.bincount(batch_idx, minlength=img.shape[0]).tolist()
-        if preds is None:
-            dn_batch = {"cls": cls, "bboxes": bboxes, "batch_idx": batch_idx, "gt_groups": gt_groups}
-            preds = self.predict(img, batch=dn_batch)
-        outputs = preds if self.training else preds[1]
-        targets = [{"labels": c, "boxes": b} for c, b in zip(cls.split(gt_groups), bboxes.split(gt_groups))]
-        terms = self.criterion(outputs, targets)
-        zero = img.new_zeros(())
-        groups = {kind: zero for kind in (self.criterion.cls_loss, "bbox", "giou", "fgl", "ddf")}
-        for name, value in terms.items():
-            kind = name.split("_")[1]
-            groups[kind] = groups[kind] + value.detach()
-        # Not a loss: matched positives per image, the quantity Dense O2O raises, logged beside the loss columns.
-        groups["pos_per_img"] = img.new_tensor(self.criterion.last_pos_per_img)
-        return sum(terms.values(), zero), groups
-
     def fuse(self, verbose: bool = True, imgsz: int = 640) -> DEIMDetectionModel:
         """Convert to the deploy layout in place: conv-BN and RepVGG branches folded, training-only heads dropped.
 
@@ -183,3 +217,15 @@ class DEIMDetectionModel(RTDETRDetectionModel):
     def is_fused(self) -> bool:
         """Whether `fuse()` has already converted the model."""
         return getattr(self, "fused", False)
+
+
+def model_class_for(cfg: str | Path | dict) -> type[RTDETRDetectionModel]:
+    """DEIMDetectionModel for YAMLs made of DEIM modules, RTDETRDEIMModel for Ultralytics RT-DETR YAMLs."""
+    d = cfg if isinstance(cfg, dict) else yaml_model_load(resolve_model_yaml(cfg))
+    names = {layer[2] for layer in d["backbone"] + d["head"]}
+    return DEIMDetectionModel if names <= set(MODULES) | {n for n in names if n.startswith("nn.")} else RTDETRDEIMModel
+
+
+def build_detection_model(cfg: str | Path | dict, ch: int = 3, nc: int | None = None, verbose: bool = True):
+    """Build the model class `cfg` calls for (see `model_class_for`)."""
+    return model_class_for(cfg)(cfg, ch=ch, nc=nc, verbose=verbose)

@@ -1,0 +1,43 @@
+"""`DEIMDataset`: Ultralytics' YOLO training dataset with DEIM's staged data policy (see `deim_ultra.data.augment`)."""
+
+from __future__ import annotations
+
+from ultralytics.data.augment import Compose
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.utils import IterableSimpleNamespace
+
+from deim_ultra.data.augment import check_stage, deim_transforms
+
+
+class DEIMDataset(YOLODataset):
+    """Training set whose transforms follow one DEIM data stage ("warmup", "dense_o2o", "aug" or "no_aug").
+
+    The stage lives on the dataset, and `set_stage` rebuilds `self.transforms` in this process only. DataLoader worker
+    processes hold their own copy of the dataset, taken when the loader's iterator starts them; Ultralytics'
+    InfiniteDataLoader keeps its workers for the whole run, so after `set_stage` call `loader.reset()` (as
+    Ultralytics' trainer does after `close_mosaic`) and the next iteration starts workers that copy the new stage.
+
+    Attributes:
+        stage: current data stage.
+        hyp: the settings the transforms were last built from (reused by `set_stage`).
+    """
+
+    def __init__(self, *args, stage: str = "warmup", **kwargs) -> None:
+        """Same arguments as YOLODataset, plus the data `stage` to start in."""
+        self.stage = check_stage(stage)  # set before YOLODataset.__init__, which builds the transforms
+        super().__init__(*args, **kwargs)
+
+    def build_transforms(self, hyp: IterableSimpleNamespace) -> Compose:
+        """The pipeline of the current stage at `self.imgsz` (see `deim_transforms`)."""
+        self.hyp = hyp
+        return deim_transforms(self, self.imgsz, self.stage, hyp)
+
+    def set_stage(self, stage: str) -> None:
+        """Switch to data `stage` and rebuild the transforms; reset the DataLoader for its workers to see it."""
+        self.stage = check_stage(stage)
+        self.transforms = self.build_transforms(self.hyp)
+
+    def close_mosaic(self, hyp: IterableSimpleNamespace) -> None:
+        """Ultralytics' trainer hook for its final `close_mosaic` epochs: enter DEIM's augmentation-free tail."""
+        self.stage = "no_aug"
+        self.transforms = self.build_transforms(hyp)

@@ -1,0 +1,162 @@
+"""DEIM's recipe, schedule and optimizer groups: hand-computed values and the official DEIM-N group regexes."""
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from deim_ultra.optim import build_adamw, param_groups
+from deim_ultra.schedule import RECIPES, ema_decay, flat_cosine_factor, multiscale_sizes, scale_policy, stage_at
+
+# DEIM-N config: (regex, lr, weight decay) per group, in config order; unmatched parameters get (lr, weight decay).
+LR, BACKBONE_LR, WD = 8e-4, 4e-4, 1e-4
+OFFICIAL_N_GROUPS = [
+    (r"^(?=.*backbone)(?!.*norm|bn).*$", BACKBONE_LR, WD),
+    (r"^(?=.*backbone)(?=.*norm|bn).*$", BACKBONE_LR, 0.0),
+    (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", LR, 0.0),
+]
+
+
+def test_recipes_tail_and_rates():
+    """Totals are e2 + the no-aug tail (12 epochs for N/S/M, 8 for L/X); spot-check rates per size."""
+    assert {k: r.epochs - r.policy_epochs[2] for k, r in RECIPES.items()} == {"n": 12, "s": 12, "m": 12, "l": 8, "x": 8}
+    n = RECIPES["n"]
+    assert (n.lr, n.backbone_lr, n.batch, n.lr_gamma, n.warmup_iters, n.ema_tau) == (8e-4, 4e-4, 128, 1, 2000, 1000)
+    assert (RECIPES["x"].backbone_lr, RECIPES["x"].weight_decay, RECIPES["x"].base_size_repeat) == (5e-6, 1.25e-4, 3)
+    assert RECIPES["n"].base_size_repeat is None
+
+
+@pytest.mark.parametrize(
+    "iteration, expected",
+    [
+        (0, 0.0),
+        (1000, 0.25),  # (1000 / 2000) ** 2
+        (2000, 1.0),
+        (3500, 1.0),  # flat
+        (5000, 1.0),  # flat end: e1 * 100
+        (6000, 0.5 + 0.25 * (1 + math.sqrt(0.5))),  # a quarter into the cosine: cos(pi / 4)
+        (7000, 0.75),  # cosine midpoint: (1 + gamma) / 2
+        (9000, 0.5),  # e2 * 100: gamma reached
+        (9500, 0.5),  # tail
+        (12000, 0.5),
+    ],
+)
+def test_flat_cosine_curve(iteration, expected):
+    """100 iterations per epoch, policy (4, 50, 90), 2000 warmup iterations, gamma 0.5."""
+    assert flat_cosine_factor(iteration, 100, (4, 50, 90), 2000, 0.5) == pytest.approx(expected, abs=1e-12)
+
+
+def test_flat_cosine_gamma_one_and_warmup_overlap():
+    """N's gamma 1.0 stays flat after warmup; a warmup longer than the flat part wins until it ends."""
+    assert flat_cosine_factor(7000, 100, (4, 50, 90), 2000, 1.0) == 1.0
+    assert flat_cosine_factor(1500, 100, (1, 10, 20), 2000, 0.5) == pytest.approx(0.5625)  # flat ended at 1000
+    assert flat_cosine_factor(2100, 100, (1, 10, 20), 2000, 0.5) == 0.5  # past e2 = 2000 iterations
+
+
+def test_stage_at_boundaries():
+    """DEIM-S policy (4, 64, 120); an empty Dense O2O window (e0 == e1) goes straight to 'aug'."""
+    policy = (4, 64, 120)
+    got = [stage_at(e, policy) for e in (0, 3, 4, 63, 64, 119, 120, 131)]
+    assert got == ["warmup", "warmup", "dense_o2o", "dense_o2o", "aug", "aug", "no_aug", "no_aug"]
+    assert [stage_at(e, (1, 1, 2)) for e in range(3)] == ["warmup", "aug", "no_aug"]
+
+
+def test_scale_policy_identity():
+    for r in RECIPES.values():
+        assert scale_policy(r.policy_epochs, r.epochs, r.epochs) == r.policy_epochs
+
+
+@pytest.mark.parametrize(
+    "policy, recipe_epochs, epochs, expected",
+    [
+        ((4, 64, 120), 132, 24, (1, 12, 22)),  # 0.73 -> 1, 11.64 -> 12, 21.82 -> 22: a 2-epoch tail
+        ((4, 78, 148), 160, 72, (2, 35, 67)),  # 1.8 -> 2, 35.1 -> 35, 66.6 -> 67
+        ((4, 29, 50), 58, 116, (8, 58, 100)),  # longer runs scale up
+        ((1, 3, 4), 4, 6, (2, 5, 6)),  # halves round up (1.5, 4.5); no tail in the recipe, none added
+        ((4, 64, 120), 132, 4, (1, 2, 3)),  # 0.12 -> 0 -> at least 1; 3.64 -> 4 -> capped to keep a tail
+        ((4, 64, 120), 132, 2, (1, 1, 1)),
+        ((4, 64, 120), 132, 1, (1, 1, 1)),  # one epoch: no room for a tail
+    ],
+)
+def test_scale_policy_examples(policy, recipe_epochs, epochs, expected):
+    assert scale_policy(policy, recipe_epochs, epochs) == expected
+
+
+def test_scale_policy_invariants():
+    for r in RECIPES.values():
+        for epochs in range(1, 301):
+            e0, e1, e2 = scale_policy(r.policy_epochs, r.epochs, epochs)
+            assert 0 < e0 <= e1 <= e2 <= epochs
+            assert e2 < epochs or epochs == 1
+
+
+def test_scale_policy_rejects_bad_policy():
+    with pytest.raises(ValueError):
+        scale_policy((4, 130, 120), 132, 24)
+
+
+def test_multiscale_sizes():
+    expected = [480, 512, 544, 576, 608] + [640] * 20 + [672, 704, 736, 768, 800]
+    assert multiscale_sizes(640, 20) == expected
+    assert multiscale_sizes(320, 1) == [160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480]
+    assert multiscale_sizes(640, None) == [640]
+    assert multiscale_sizes(160, 3) == [160]  # 160 - 160 = 0 px: no multi-scale
+
+
+def test_ema_decay():
+    assert ema_decay(0, 0.9999, 1000) == 0.0
+    assert ema_decay(1000, 0.9999, 1000) == pytest.approx(0.9999 * (1 - 1 / math.e), rel=1e-12)
+    assert ema_decay(10**6, 0.9999, 1000) == pytest.approx(0.9999, rel=1e-12)
+
+
+def test_param_groups_bias_norm_shared_frozen():
+    """Toy model: biases (incl. in_proj_bias) and norms skip decay outside the backbone; shared/frozen handled."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    a, b, attn, norm = nn.Linear(4, 4), nn.Linear(4, 4), nn.MultiheadAttention(4, 2), nn.LayerNorm(4)
+    b.weight = a.weight  # one parameter held by two modules
+    model = nn.ModuleDict({"stem": stem, "a": a, "b": b, "attn": attn, "norm": norm})
+    model.register_parameter("frozen", nn.Parameter(torch.ones(1), requires_grad=False))
+    groups = {g["name"]: g for g in param_groups(model, 1.0, 0.1, 0.01, backbone=[stem])}
+    ids = {k: [id(p) for p in g["params"]] for k, g in groups.items()}
+    assert sorted(ids["backbone"]) == sorted(id(p) for p in stem.parameters())  # conv weight/bias, BN weight/bias
+    no_decay = [a.bias, b.bias, attn.in_proj_bias, attn.out_proj.bias, norm.weight, norm.bias]
+    assert sorted(ids["no_decay"]) == sorted(id(p) for p in no_decay)
+    assert sorted(ids["default"]) == sorted(id(p) for p in (a.weight, attn.in_proj_weight, attn.out_proj.weight))
+    assert [(g["lr"], g["weight_decay"]) for g in groups.values()] == [(0.1, 0.01), (1.0, 0.0), (1.0, 0.01)]
+
+
+def test_param_groups_match_official_regexes_deim_n(parity_fixture):
+    """Every trainable DEIM-N parameter lands in exactly one group, with the (lr, weight decay) that the official
+    N config's regexes give its official name."""
+    from deim_ultra.convert import TRAINING_ONLY_KEYS, official_prefixes, rename_official_key
+    from deim_ultra.nn.hgnetv2 import HGStage, HGStem
+    from deim_ultra.nn.tasks import DEIMDetectionModel
+
+    model = DEIMDetectionModel("deim-n.yaml", verbose=False)
+    backbone = [m for m in model.model if isinstance(m, (HGStem, HGStage))]
+    optimizer = build_adamw(model, LR, BACKBONE_LR, WD, backbone)
+    assert optimizer.defaults["betas"] == (0.9, 0.999)
+    groups = optimizer.param_groups
+
+    ours_to_official = {v: k for k, v in official_prefixes(model).items()}
+    official = {id(p): rename_official_key(n, ours_to_official) for n, p in model.named_parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    placed = [id(p) for g in groups for p in g["params"]]
+    assert len(placed) == len(set(placed)) == len(trainable) and set(placed) == trainable
+
+    known = set(parity_fixture["state_dict"]) | set(TRAINING_ONLY_KEYS)
+    counts = {}
+    for g in groups:
+        for p in g["params"]:
+            name = official[id(p)]
+            assert name in known
+            hits = [(lr, wd) for pattern, lr, wd in OFFICIAL_N_GROUPS if re.findall(pattern, name)]
+            assert len(hits) <= 1, name  # the official code asserts the groups are disjoint
+            assert (g["lr"], g["weight_decay"]) == (hits[0] if hits else (LR, WD)), name
+        counts[g["name"]] = len(g["params"])
+    # The official regexes on the fixture's 431 parameter names (keys less BN statistics and the anchors, valid_mask
+    # and num_points_scale buffers): 186 backbone (BN and LAB included), 151 encoder/decoder norms and biases, 94
+    # others, of which 4 are the frozen up/reg_scale; our model adds the denoising embedding.
+    assert counts == {"backbone": 186, "no_decay": 151, "default": 94 - 4 + 1}

@@ -1,0 +1,113 @@
+"""The DEIM recipe as the trainer actually runs it: stages per epoch, denser batches, FlatCosine lr, resume."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from deim_ultra import DEIM
+from deim_ultra.data.synthetic import make_synthetic_dataset
+
+POLICY = [2, 4, 6]  # warmup epochs 0-1, Dense O2O 2-3, augment 4-5, no-aug tail 6-7
+EPOCHS = 8
+STAGES = ["warmup"] * 2 + ["dense_o2o"] * 2 + ["aug"] * 2 + ["no_aug"] * 2
+LR0, LR_GAMMA = 8e-4, 0.5
+SETTINGS = dict(
+    epochs=EPOCHS,
+    imgsz=128,
+    batch=4,
+    workers=2,
+    policy_epochs=POLICY,
+    warmup_iters=1,
+    lr_gamma=LR_GAMMA,
+    plots=False,
+    seed=0,
+)
+
+
+class Interrupt(Exception):
+    """Stops a run from a callback, as a crash or Ctrl-C would."""
+
+
+def record_stages(model: DEIM, stages: list) -> None:
+    """Log, per epoch, the stage the training set's pipeline was really in."""
+    model.add_callback("on_train_epoch_end", lambda t: stages.append(t.train_loader.dataset.stage))
+
+
+def results(run: Path) -> list[dict]:
+    with open(run / "results.csv") as f:
+        return [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("shapes16"), n_train=16, n_val=4, imgsz=128, seed=0)
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    project = tmp_path_factory.mktemp("full")
+    model, stages = DEIM("deim-n.yaml"), []
+    record_stages(model, stages)
+    model.train(data=str(data), project=str(project), name="run", **SETTINGS)
+    return stages, results(project / "run")
+
+
+def test_stage_per_epoch(full_run):
+    stages, _ = full_run
+    assert stages == STAGES
+
+
+def test_dense_o2o_batches_carry_more_boxes(full_run):
+    _, rows = full_run
+    per_stage = {s: [r["train/pos_per_img"] for r, st in zip(rows, STAGES) if st == s] for s in set(STAGES)}
+    mean = {s: sum(v) / len(v) for s, v in per_stage.items()}
+    assert mean["dense_o2o"] > 1.5 * mean["warmup"]  # mosaic (4 images) and mixup (2) in the workers' batches
+    assert mean["no_aug"] == pytest.approx(mean["warmup"])  # the same un-augmented boxes
+
+
+def test_lr_is_flat_then_cosine_then_constant(full_run):
+    _, rows = full_run
+    lr = [r["lr/pg2"] for r in rows]  # encoder/decoder weights at lr0; recorded at each epoch's last iteration
+    assert lr[:4] == pytest.approx([LR0] * 4)  # warmup of 1 iteration, then flat until e1
+    assert LR0 > lr[4] > lr[5] > LR0 * LR_GAMMA  # cosine between e1 and e2
+    assert lr[6:] == pytest.approx([LR0 * LR_GAMMA] * 2)  # constant tail
+    assert [r["lr/pg0"] for r in rows][0] == pytest.approx(LR0 / 2)  # the N recipe's backbone lr
+
+
+def test_resume_mid_dense_o2o(full_run, data, tmp_path):
+    model, stages = DEIM("deim-n.yaml"), []
+    record_stages(model, stages)
+
+    def stop_after_third_epoch(trainer):
+        if trainer.epoch == 2:
+            raise Interrupt
+
+    model.add_callback("on_fit_epoch_end", stop_after_third_epoch)
+    with pytest.raises(Interrupt):
+        model.train(data=str(data), project=str(tmp_path), name="run", **SETTINGS)
+    last = tmp_path / "run" / "weights" / "last.pt"
+
+    resumed, resumed_stages = DEIM(last), []
+    record_stages(resumed, resumed_stages)
+    resumed.train(resume=True)
+    assert stages + resumed_stages == STAGES  # epoch 4 (index 3) resumes inside Dense O2O
+    _, full = full_run
+    rows = results(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    for key in ("lr/pg0", "lr/pg1", "lr/pg2"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in full])
+
+
+def test_recipe_trains_ultralytics_rtdetr(data, tmp_path):
+    """Ultralytics' rtdetr-l.yaml with MAL and the schedule: no distribution head, so no FGL/DDF terms."""
+    model = DEIM("rtdetr-l.yaml")
+    model.train(
+        data=str(data),
+        project=str(tmp_path),
+        name="rt",
+        **{**SETTINGS, "epochs": 2, "imgsz": 64, "policy_epochs": [1, 1, 2], "workers": 0},
+    )
+    assert type(model.trainer.model).__name__ == "RTDETRDEIMModel"
+    rows = results(tmp_path / "rt")
+    assert all(r["train/mal"] > 0 and r["train/fgl"] == 0 and r["train/ddf"] == 0 for r in rows)
