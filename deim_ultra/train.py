@@ -16,11 +16,13 @@ from functools import partial
 
 import torch
 from torch import nn
+from ultralytics.cfg import cfg2dict
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRDataset, RTDETRValidator
+from ultralytics.nn.tasks import yaml_model_load
 from ultralytics.utils import LOGGER, RANK, colorstr
 
-from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
+from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml, ultralytics_args
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
@@ -65,7 +67,6 @@ def recipe_overrides(overrides: dict) -> dict:
         "weight_decay": r.weight_decay,
         "lr_gamma": r.lr_gamma,
         "base_size_repeat": r.base_size_repeat,
-        "warmup_iters": r.warmup_iters,
         "ema_decay": r.ema_decay,
         "ema_tau": r.ema_tau,
         "clip_max_norm": r.clip_max_norm,
@@ -77,15 +78,9 @@ def recipe_overrides(overrides: dict) -> dict:
     return {**defaults, **overrides}
 
 
-def model_yaml(model) -> dict:
-    """The YAML dict of a model argument (YAML path/name or checkpoint), or {} when it cannot be read cheaply."""
-    from deim_ultra.cfg import resolve_model_yaml
-
-    if str(model).endswith((".yaml", ".yml")):
-        from ultralytics.nn.tasks import yaml_model_load
-
-        return yaml_model_load(resolve_model_yaml(model))
-    return getattr(model, "yaml", {}) or {}
+def model_yaml(model: str | None) -> dict:
+    """The YAML dict of a `model` argument that names a YAML; {} for checkpoints (their recipe is in their args)."""
+    return yaml_model_load(resolve_model_yaml(model)) if str(model).endswith((".yaml", ".yml")) else {}
 
 
 def freeze_constants(model: nn.Module) -> None:
@@ -117,16 +112,26 @@ class DEIMTrainer(RTDETRTrainer):
     """Trains DEIM models (and Ultralytics RT-DETR models) with DEIM's criterion and, optionally, its recipe."""
 
     def __init__(self, cfg: dict = DEIM_CFG_DICT, overrides: dict | None = None, _callbacks: dict | None = None):
-        """Validate `overrides` against Ultralytics' and DEIM's keys, completed with the recipe's defaults."""
+        """Validate `overrides` against Ultralytics' and DEIM's keys, completed with the recipe's defaults.
+
+        Ultralytics' DDP workers rebuild the trainer from its pickled args and callbacks with Ultralytics' own default
+        cfg, so DEIM's defaults are merged in here and the recipe's callbacks are added only where absent.
+        """
+        cfg = {**DEIM_CFG_DICT, **cfg2dict(cfg)}
         super().__init__(cfg=cfg, overrides=recipe_overrides(overrides or {}), _callbacks=_callbacks)
         self.stage = None
         self.batch_in_epoch = 0
         self.policy = None
+        self.warmup_iters = 0
         self.scale_rng = random.Random(self.args.seed)
         self.mixup_rng = torch.Generator().manual_seed(self.args.seed)
         if self.recipe_active:
-            self.add_callback("on_train_epoch_start", on_train_epoch_start)
-            self.add_callback("on_train_batch_start", on_train_batch_start)
+            for event, callback in (
+                ("on_train_epoch_start", on_train_epoch_start),
+                ("on_train_batch_start", on_train_batch_start),
+            ):
+                if callback not in self.callbacks[event]:
+                    self.add_callback(event, callback)
 
     @property
     def recipe_active(self) -> bool:
@@ -205,6 +210,10 @@ class DEIMTrainer(RTDETRTrainer):
             else scale_policy(RECIPES[self.args.recipe].policy_epochs, RECIPES[self.args.recipe].epochs, self.epochs)
         )
         self.ema.decay = partial(ema_decay, decay=self.args.ema_decay, tau=self.args.ema_tau)
+        # The recipe's 2000 iterations are about 2 COCO epochs; on a small dataset the lr warmup would outlast the
+        # whole run, so by default it ends with the data-aug warmup at the latest.
+        recipe_iters = min(RECIPES[self.args.recipe].warmup_iters, self.policy[0] * len(self.train_loader))
+        self.warmup_iters = self.args.warmup_iters if self.args.warmup_iters is not None else recipe_iters
         LOGGER.info(
             f"{colorstr('DEIM schedule:')} recipe {self.args.recipe}, policy epochs {list(self.policy)} of "
             f"{self.epochs}: warmup < {self.policy[0]} <= Dense O2O < {self.policy[1]} <= augment < "
@@ -225,7 +234,7 @@ class DEIMTrainer(RTDETRTrainer):
         """FlatCosine: set every parameter group's lr for the current iteration."""
         iteration = self.epoch * len(self.train_loader) + self.batch_in_epoch
         factor = flat_cosine_factor(
-            iteration, len(self.train_loader), self.policy, self.args.warmup_iters, self.args.lr_gamma
+            iteration, len(self.train_loader), self.policy, self.warmup_iters, self.args.lr_gamma
         )
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor

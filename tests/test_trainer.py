@@ -111,3 +111,22 @@ def test_recipe_trains_ultralytics_rtdetr(data, tmp_path):
     assert type(model.trainer.model).__name__ == "RTDETRDEIMModel"
     rows = results(tmp_path / "rt")
     assert all(r["train/mal"] > 0 and r["train/fgl"] == 0 and r["train/ddf"] == 0 for r in rows)
+
+
+def test_trainer_survives_ddp_rebuild(data, tmp_path):
+    """Ultralytics' DDP workers rebuild the trainer from pickled args and callbacks, with Ultralytics' default cfg."""
+    import cloudpickle  # what Ultralytics uses to ship the trainer state to DDP workers
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    from deim_ultra.train import DEIMTrainer, on_train_batch_start, on_train_epoch_start
+
+    trainer = DEIMTrainer(overrides=dict(model="deim-s.yaml", data=str(data), project=str(tmp_path), name="ddp"))
+    state = cloudpickle.loads(
+        cloudpickle.dumps({"trainer": type(trainer), "args": vars(trainer.args), "callbacks": trainer.callbacks})
+    )
+    worker = state["trainer"](
+        cfg={**DEFAULT_CFG_DICT, "save_dir": ""}, overrides=state["args"], _callbacks=state["callbacks"]
+    )
+    assert worker.args.recipe == "s" and worker.args.backbone_lr == 2e-4 and worker.args.lr0 == 4e-4
+    assert worker.callbacks["on_train_epoch_start"].count(on_train_epoch_start) == 1
+    assert worker.callbacks["on_train_batch_start"].count(on_train_batch_start) == 1

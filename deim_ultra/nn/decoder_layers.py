@@ -1,0 +1,216 @@
+"""D-FINE decoder layer stack: gated decoder layers iterated with FDR box refinement and the LQE quality score.
+
+Each layer refines the queries (self-attention, deformable cross-attention with a gate, FFN) and predicts box-edge
+distributions relative to the first layer's box; the prediction heads themselves live on `DFINEDecoder` (passed in as
+`DFINEHeads`) so that module attribute names reproduce the official keys `decoder.decoder.layers.*` and
+`decoder.dec_bbox_head.*`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from ultralytics.nn.modules.utils import bias_init_with_prob, inverse_sigmoid
+
+from deim_ultra.nn.deformable_attention import MSDeformableAttention, split_value
+from deim_ultra.nn.fdr import LQE, distance_to_box, distribution_to_distance, weighting_function
+
+
+class Gate(nn.Module):
+    """Gated residual: sigmoid(Linear([x1, x2])) weights each input per channel, then LayerNorm.
+
+    Attributes:
+        gate (nn.Linear): 2C -> 2C gate logits, zero weight and logit(0.5) bias so both inputs start at weight 0.5.
+        norm (nn.LayerNorm): Output normalisation over C.
+    """
+
+    def __init__(self, dim: int):
+        """Create the gate for width `dim`."""
+        super().__init__()
+        self.gate = nn.Linear(2 * dim, 2 * dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, bias_init_with_prob(0.5))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Mix (B, Q, C) `x1` (the residual stream) and (B, Q, C) `x2` (the cross-attention output) into (B, Q, C)."""
+        g1, g2 = self.gate(torch.cat([x1, x2], -1)).sigmoid().chunk(2, -1)
+        return self.norm(g1 * x1 + g2 * x2)
+
+
+class DFINEDecoderLayer(nn.Module):
+    """One decoder layer: self-attention + post-norm, deformable cross-attention + gate, FFN + residual + norm.
+
+    Attributes:
+        self_attn (nn.MultiheadAttention): Query self-attention (batch first).
+        norm1 (nn.LayerNorm): Post-norm of the self-attention residual.
+        cross_attn (MSDeformableAttention): Deformable attention into the memory.
+        gateway (Gate): Mixes the residual stream with the cross-attention output.
+        linear1, linear2 (nn.Linear): FFN C -> ffn_dim -> C.
+        act (nn.Module): FFN activation.
+        norm3 (nn.LayerNorm): Post-norm of the FFN residual.
+    """
+
+    def __init__(self, hidden_dim: int, nhead: int, ffn_dim: int, num_points: list[int], act: type[nn.Module]):
+        """Create a layer.
+
+        Args:
+            hidden_dim (int): Query width C.
+            nhead (int): Attention heads (self- and cross-attention).
+            ffn_dim (int): FFN hidden width.
+            num_points (list[int]): Deformable sampling points per memory level.
+            act (type[nn.Module]): FFN activation class.
+        """
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(hidden_dim, nhead, batch_first=True)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.cross_attn = MSDeformableAttention(hidden_dim, nhead, num_points)
+        self.gateway = Gate(hidden_dim)
+        self.linear1 = nn.Linear(hidden_dim, ffn_dim)
+        self.act = act()
+        self.linear2 = nn.Linear(ffn_dim, hidden_dim)
+        self.norm3 = nn.LayerNorm(hidden_dim)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        reference: torch.Tensor,
+        value: list[torch.Tensor],
+        pos: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Refine the queries.
+
+        Args:
+            target (torch.Tensor): (B, Q, C) query content.
+            reference (torch.Tensor): (B, Q, 4) reference boxes, normalised cx, cy, w, h.
+            value (list[torch.Tensor]): Per-level, per-head memory maps from `split_value`.
+            pos (torch.Tensor): (B, Q, C) query position embedding, added to queries and keys but not to values.
+            attn_mask (torch.Tensor, optional): (Q, Q) bool self-attention mask, True = may not attend.
+
+        Returns:
+            (torch.Tensor): (B, Q, C) refined query content.
+        """
+        q = target + pos
+        target = self.norm1(target + self.self_attn(q, q, target, attn_mask=attn_mask, need_weights=False)[0])
+        target = self.gateway(target, self.cross_attn(target + pos, reference, value))
+        target = target + self.linear2(self.act(self.linear1(target)))
+        return self.norm3(target.clamp(min=-65504, max=65504))  # keep float16 finite before the norm
+
+
+class DecoderStates(NamedTuple):
+    """Per-layer predictions of `DFINETransformerDecoder`, one list entry per reported layer.
+
+    Attributes:
+        logits (list[torch.Tensor]): (B, Q, nc) class logits incl. the LQE score.
+        boxes (list[torch.Tensor]): (B, Q, 4) boxes, normalised cx, cy, w, h.
+        corners (list[torch.Tensor]): (B, Q, 4 * (reg_max + 1)) edge-bin logits.
+        refs (list[torch.Tensor]): (B, Q, 4) initial reference boxes the corners are decoded against (detached).
+        pre_logits (torch.Tensor | None): (B, Q, nc) first-layer class logits without LQE (training only).
+        pre_boxes (torch.Tensor): (B, Q, 4) first-layer boxes from the pre-head, normalised cx, cy, w, h.
+    """
+
+    logits: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    corners: list[torch.Tensor]
+    refs: list[torch.Tensor]
+    pre_logits: torch.Tensor | None
+    pre_boxes: torch.Tensor
+
+
+class DFINEHeads(NamedTuple):
+    """The head-owned modules the layer stack calls (kept on the head to match the official key layout)."""
+
+    query_pos_head: nn.Module
+    pre_bbox_head: nn.Module
+    dec_score_head: nn.ModuleList
+    dec_bbox_head: nn.ModuleList
+
+
+class DFINETransformerDecoder(nn.Module):
+    """The decoder layer stack with FDR box refinement and LQE (official key prefix `decoder.decoder.`).
+
+    Attributes:
+        layers (nn.ModuleList): Decoder layers; those past `eval_idx` are training-only.
+        lqe_layers (nn.ModuleList): One LQE per layer.
+        up (nn.Parameter): (1,) frozen weighting-function bound scale, shared with the head.
+        reg_scale (nn.Parameter): (1,) frozen offset scale, shared with the head.
+        reg_max (int): Index of the last distribution bin.
+        eval_idx (int): Non-negative index of the layer reported in eval mode.
+        nhead (int): Attention heads.
+    """
+
+    def __init__(
+        self,
+        layer: DFINEDecoderLayer,
+        num_layers: int,
+        eval_idx: int,
+        reg_max: int,
+        up: nn.Parameter,
+        reg_scale: nn.Parameter,
+        nhead: int,
+        act: type[nn.Module],
+    ):
+        """Create the stack from `num_layers` copies of `layer`; `up`/`reg_scale` are the head's shared parameters."""
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.lqe_layers = nn.ModuleList(LQE(reg_max, act=act) for _ in range(num_layers))
+        self.up = up
+        self.reg_scale = reg_scale
+        self.reg_max = reg_max
+        self.eval_idx = eval_idx
+        self.nhead = nhead
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        ref_logits: torch.Tensor,
+        memory: torch.Tensor,
+        shapes: list[list[int]],
+        heads: DFINEHeads,
+        attn_mask: torch.Tensor | None = None,
+    ) -> DecoderStates:
+        """Run the layers.
+
+        Layer i predicts corners_i = bbox_head_i(out_i + out_{i-1}.detach()) + corners_{i-1} (the previous corners
+        keep their gradient) and decodes them against the detached first-layer box, which the pre-head predicts
+        relative to the selected proposals. Each layer's box (detached) is the next layer's reference.
+
+        Args:
+            target (torch.Tensor): (B, Q, C) initial query content (detached top-k memory, denoising queries first).
+            ref_logits (torch.Tensor): (B, Q, 4) initial reference boxes in logit space (detached).
+            memory (torch.Tensor): (B, sum(H_l * W_l), C) flattened encoder memory.
+            shapes (list[list[int]]): [H_l, W_l] per level.
+            heads (DFINEHeads): The head's prediction modules.
+            attn_mask (torch.Tensor, optional): (Q, Q) bool self-attention mask, True = may not attend.
+
+        Returns:
+            (DecoderStates): all layers in training, only layer `eval_idx` in eval.
+        """
+        value = split_value(memory, shapes, self.nhead)
+        project = weighting_function(self.reg_max, self.up, self.reg_scale)
+        logits, boxes_list, corners_list, refs = [], [], [], []
+        output, output_detach, corners_prev, ref = target, 0, 0, ref_logits.sigmoid()
+        for i, layer in enumerate(self.layers):
+            pos = heads.query_pos_head(ref).clamp(min=-10, max=10)
+            output = layer(output, ref, value, pos, attn_mask)
+            if i == 0:
+                pre_boxes = (heads.pre_bbox_head(output) + inverse_sigmoid(ref)).sigmoid()
+                pre_logits = heads.dec_score_head[0](output) if self.training else None
+                ref_initial = pre_boxes.detach()
+            corners = heads.dec_bbox_head[i](output + output_detach) + corners_prev
+            boxes = distance_to_box(ref_initial, distribution_to_distance(corners, project), self.reg_scale)
+            if self.training or i == self.eval_idx:
+                logits.append(self.lqe_layers[i](heads.dec_score_head[i](output), corners))
+                boxes_list.append(boxes)
+                corners_list.append(corners)
+                refs.append(ref_initial)
+                if not self.training:
+                    break
+            corners_prev, ref, output_detach = corners, boxes.detach(), output.detach()
+        return DecoderStates(logits, boxes_list, corners_list, refs, pre_logits, pre_boxes)
