@@ -80,35 +80,48 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
+    parser.add_argument("--from-csv", type=Path, help="only redraw the plot from an earlier convergence.csv")
     args = parser.parse_args()
     args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        data = str(make_synthetic_dataset(args.out / "dense_shapes", **QUICK_DATA))
+        data = "" if args.from_csv else str(make_synthetic_dataset(args.out / "dense_shapes", **QUICK_DATA))
         args.epochs, args.imgsz = args.epochs or QUICK_RUN["epochs"], args.imgsz or QUICK_DATA["imgsz"]
         args.batch = args.batch or QUICK_RUN["batch"]
     else:
         data, args.epochs, args.imgsz, args.batch = args.data, args.epochs or 120, args.imgsz or 640, args.batch or 16
 
-    rows = [row for recipe in RECIPES for row in train(recipe, args, data)]
-    with open(args.out / "convergence.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for recipe in RECIPES:
-        mine = [r for r in rows if r["recipe"] == recipe]
-        ax.plot([r["epoch"] for r in mine], [r["map"] for r in mine], marker="o", ms=3, label=f"{recipe} mAP50-95")
-        ax.plot([r["epoch"] for r in mine], [r["map50"] for r in mine], ls="--", label=f"{recipe} mAP50")
-    ax.set(xlabel="epoch", ylabel="val mAP", title=f"{args.model}, {'dense shapes' if args.quick else args.data}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "convergence.png", dpi=120)
+    if args.from_csv:
+        with open(args.from_csv) as f:
+            rows = [
+                dict(r, epoch=int(r["epoch"]), map=float(r["map"]), map50=float(r["map50"])) for r in csv.DictReader(f)
+            ]
+    else:
+        rows = [row for recipe in RECIPES for row in train(recipe, args, data)]
+        with open(args.out / "convergence.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    plot(rows, f"{args.model}, {'dense shapes' if args.quick else args.data}", args.out / "convergence.png")
     for recipe in RECIPES:
         best = max((r for r in rows if r["recipe"] == recipe), key=lambda r: r["map"])
         print(f"{recipe}: best mAP50-95 {best['map']:.3f} (mAP50 {best['map50']:.3f}) at epoch {best['epoch']}")
-    print(f"wrote {args.out / 'convergence.csv'} and {args.out / 'convergence.png'}")
+    print(f"wrote {args.out / 'convergence.png'}" + ("" if args.from_csv else f" and {args.out / 'convergence.csv'}"))
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """mAP50-95 (solid) and mAP50 (dashed) against epoch, one colour per recipe."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for recipe, colour in zip(RECIPES, ("tab:blue", "tab:orange")):
+        mine = [r for r in rows if r["recipe"] == recipe]
+        epochs = [r["epoch"] for r in mine]
+        ax.plot(epochs, [r["map"] for r in mine], color=colour, marker="o", ms=3, label=f"{recipe} mAP50-95")
+        ax.plot(epochs, [r["map50"] for r in mine], color=colour, ls="--", label=f"{recipe} mAP50")
+    ax.set(xlabel="epoch", ylabel="val mAP", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,25 @@ def test_trainer_survives_ddp_rebuild(data, tmp_path):
     assert worker.args.recipe == "s" and worker.args.backbone_lr == 2e-4 and worker.args.lr0 == 4e-4
     assert worker.callbacks["on_train_epoch_start"].count(on_train_epoch_start) == 1
     assert worker.callbacks["on_train_batch_start"].count(on_train_batch_start) == 1
+
+
+def test_multiscale_batches_until_the_tail(data, tmp_path):
+    """S recipe at 640: each batch takes one size of the spec's list while augmenting, the base size in the tail."""
+    import torch
+
+    from deim_ultra.schedule import multiscale_sizes
+    from deim_ultra.train import DEIMTrainer
+
+    trainer = DEIMTrainer(overrides=dict(model="deim-s.yaml", data=str(data), imgsz=640, project=str(tmp_path)))
+    allowed = [480, 512, 544, 576, 608] + [640] * 20 + [672, 704, 736, 768, 800]
+    assert multiscale_sizes(640, trainer.args.base_size_repeat) == allowed
+
+    def batch():
+        return {"img": torch.zeros(2, 3, 640, 640, dtype=torch.uint8), "cls": torch.zeros(0, 1),
+                "bboxes": torch.zeros(0, 4), "batch_idx": torch.zeros(0)}
+
+    trainer.stage = "aug"
+    sizes = [trainer.preprocess_batch(batch())["img"].shape[-1] for _ in range(60)]
+    assert set(sizes) <= set(allowed) and len(set(sizes)) > 1 and sizes.count(640) > len(sizes) / 3
+    trainer.stage = "no_aug"
+    assert {trainer.preprocess_batch(batch())["img"].shape[-1] for _ in range(5)} == {640}
