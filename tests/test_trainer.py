@@ -144,8 +144,12 @@ def test_multiscale_batches_until_the_tail(data, tmp_path):
     assert multiscale_sizes(640, trainer.args.base_size_repeat) == allowed
 
     def batch():
-        return {"img": torch.zeros(2, 3, 640, 640, dtype=torch.uint8), "cls": torch.zeros(0, 1),
-                "bboxes": torch.zeros(0, 4), "batch_idx": torch.zeros(0)}
+        return {
+            "img": torch.zeros(2, 3, 640, 640, dtype=torch.uint8),
+            "cls": torch.zeros(0, 1),
+            "bboxes": torch.zeros(0, 4),
+            "batch_idx": torch.zeros(0),
+        }
 
     trainer.stage = "aug"
     sizes = [trainer.preprocess_batch(batch())["img"].shape[-1] for _ in range(60)]
