@@ -156,3 +156,24 @@ def test_multiscale_batches_until_the_tail(data, tmp_path):
     assert set(sizes) <= set(allowed) and len(set(sizes)) > 1 and sizes.count(640) > len(sizes) / 3
     trainer.stage = "no_aug"
     assert {trainer.preprocess_batch(batch())["img"].shape[-1] for _ in range(5)} == {640}
+
+
+def test_rtdetr_checkpoint_fine_tunes_with_the_deim_loss(data, tmp_path):
+    """An Ultralytics RT-DETR checkpoint (rtdetr-l.pt's architecture) loads in DEIM and keeps its weights."""
+    import torch
+    from ultralytics import RTDETR
+
+    from deim_ultra.nn.tasks import RTDETRDEIMModel
+    from deim_ultra.train import DEIMTrainer
+
+    checkpoint = tmp_path / "rtdetr-l.pt"
+    RTDETR("rtdetr-l.yaml").save(checkpoint)
+    model = DEIM(checkpoint)
+    trainer = DEIMTrainer(overrides=dict(model=str(checkpoint), data=str(data), recipe="l", project=str(tmp_path)))
+    trained = trainer.get_model(cfg=model.model.yaml, weights=model.model, verbose=False)
+    assert isinstance(trained, RTDETRDEIMModel)
+    assert trainer.args.lr0 == 5e-4 and trainer.args.backbone_lr == 2.5e-5  # the L recipe
+    source, target = model.model.state_dict(), trained.state_dict()
+    same = [k for k in source if k in target and source[k].shape == target[k].shape]
+    assert len(same) > 0.95 * len(source)
+    assert all(torch.equal(source[k].float(), target[k].float()) for k in same)
