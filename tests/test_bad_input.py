@@ -1,0 +1,47 @@
+"""Broken training data is skipped with a message naming the file, and never turns into silently wrong targets."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.utils import IterableSimpleNamespace
+
+from deim_ultra.cfg import DEIM_CFG_DICT
+from deim_ultra.data.dataset import DEIMDataset
+
+
+@pytest.fixture
+def broken(tiny_data, tmp_path):
+    """A copy of the tiny dataset with a corrupt image, an out-of-range class, a malformed and an empty label file
+    and a zero-area box."""
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_data.parent, root)
+    images = sorted((root / "images" / "train").glob("*.png"))
+    labels = root / "labels" / "train"
+    images[0].write_bytes(b"not an image")
+    (labels / f"{images[1].stem}.txt").write_text("99 0.5 0.5 0.2 0.2\n")  # class id out of range (nc=3)
+    (labels / f"{images[2].stem}.txt").write_text("0 0.5 0.5\n")  # malformed: 3 columns
+    (labels / f"{images[3].stem}.txt").write_text("")  # empty: a background image, kept
+    (labels / f"{images[4].stem}.txt").write_text("1 0.5 0.5 0.0 0.2\n2 0.3 0.3 0.2 0.2\n")  # a zero-width box
+    yaml_file = root / tiny_data.name
+    yaml_file.write_text(yaml_file.read_text().replace(str(tiny_data.parent), str(root)))
+    data = check_det_dataset(str(yaml_file))
+    return data, images
+
+
+def test_broken_files_are_skipped_and_named(broken, caplog):
+    data, images = broken
+    caplog.set_level(logging.INFO, logger="ultralytics")
+    hyp = IterableSimpleNamespace(**DEIM_CFG_DICT)
+    dataset = DEIMDataset(img_path=data["train"], imgsz=160, augment=True, hyp=hyp, data=data, stage="dense_o2o")
+    log = caplog.text
+    kept = {p.split("/")[-1] for p in dataset.im_files}
+    for skipped in images[:3]:
+        assert skipped.name not in kept
+        assert skipped.name in log  # Ultralytics' "ignoring corrupt image/label" line names each file
+    assert images[3].name in kept and images[4].name in kept
+    for i in range(len(dataset)):
+        boxes = dataset[i]["bboxes"].numpy()
+        assert (boxes[:, 2:] > 0).all() and np.isfinite(boxes).all()  # the zero-width box never reaches the loss
