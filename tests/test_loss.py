@@ -304,3 +304,16 @@ def test_non_finite_term_is_zeroed_and_reported(monkeypatch):
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_fgl"].item() > 0
     assert len(warnings) == 2 and "loss_fgl_aux_0" in warnings[0] and "loss_ddf_aux_0" in warnings[1]
+
+
+@pytest.mark.parametrize("cls_loss, gamma", [("mal", 1.5), ("vfl", 2.0), ("focal", 2.0)])
+def test_each_class_loss_gets_its_own_recipe_gamma(cls_loss, gamma):
+    """MAL runs with DEIM's 1.5; VFL and focal keep RT-DETR's / D-FINE's 2.0 whatever mal_gamma says."""
+    x_neg = 1.2  # one confident query, no GT in the image: a pure negative, loss = weight * -log(1 - p)
+    outputs = {"pred_logits": torch.tensor([[[x_neg]]]), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])}
+    targets = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    losses = DEIMCriterion(1, cls_loss=cls_loss, mal_gamma=1.5)(outputs, targets)
+    p = sigmoid(x_neg)
+    alpha = {"mal": 1.0, "vfl": 0.75, "focal": 1 - 0.75}[cls_loss]
+    expected = alpha * p**gamma * -math.log(1 - p)
+    assert losses[f"loss_{cls_loss}"].item() == pytest.approx(expected, rel=1e-5)

@@ -98,6 +98,7 @@ class DEIMCriterion(nn.Module):
         weights: dict[str, float] | None = None,
         cls_loss: str = "mal",
         mal_gamma: float = 1.5,
+        vfl_gamma: float = 2.0,
         alpha: float = 0.75,
         reg_max: int = 32,
         cost_class: float = 2.0,
@@ -114,7 +115,8 @@ class DEIMCriterion(nn.Module):
             weights: term weights by name, with or without the "loss_" prefix ("mal", "bbox", "giou", "fgl", "ddf";
                 "vfl"/"focal" when cls_loss selects them); missing names keep the defaults (1, 5, 2, 0.15, 1.5).
             cls_loss: "mal", "vfl" or "focal".
-            mal_gamma: gamma of the class loss (the official criterion shares one gamma for MAL/VFL/focal).
+            mal_gamma: gamma of MAL (DEIM's recipe: 1.5).
+            vfl_gamma: gamma of VFL and focal loss (RT-DETR's and D-FINE's recipes: 2.0).
             alpha: negative weight of VFL / focal alpha; MAL uses none.
             reg_max: number of distribution bin intervals.
             cost_class, cost_bbox, cost_giou, matcher_alpha, matcher_gamma: Hungarian matcher costs.
@@ -127,7 +129,7 @@ class DEIMCriterion(nn.Module):
         self.weights = {**DEFAULT_WEIGHTS, **{k.removeprefix("loss_"): float(v) for k, v in (weights or {}).items()}}
         self.cls_loss = cls_loss
         self.cls_fn = CLASS_LOSSES[cls_loss]
-        self.gamma = mal_gamma
+        self.gamma = mal_gamma if cls_loss == "mal" else vfl_gamma
         self.cls_alpha = None if cls_loss == "mal" else alpha
         self.reg_max = reg_max
         self.matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, matcher_alpha, matcher_gamma)
