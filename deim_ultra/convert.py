@@ -19,6 +19,7 @@ from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
 from deim_ultra.nn.tasks import DEIMDetectionModel
+from deim_ultra.weights import listing, read_checkpoint
 
 # Present only when a checkpoint was saved with denoising on; the model initialises it itself otherwise.
 TRAINING_ONLY_KEYS = ("decoder.denoising_class_embed.weight",)
@@ -31,7 +32,7 @@ def load_official_state_dict(src: str | Path | dict) -> dict[str, torch.Tensor]:
         src (str | Path | dict): A `.pth` path (loaded with `weights_only=True`), a checkpoint dict holding `model`
             and/or `ema.module`, or a raw state dict.
     """
-    ckpt = torch.load(src, map_location="cpu", weights_only=True) if isinstance(src, (str, Path)) else src
+    ckpt = read_checkpoint(src) if isinstance(src, (str, Path)) else src
     if "ema" in ckpt:
         return ckpt["ema"]["module"]
     if "model" in ckpt:
@@ -76,12 +77,6 @@ def map_official_keys(state: dict[str, torch.Tensor], prefixes: dict[str, str]) 
     return mapped, unmatched
 
 
-def _listing(keys: list[str], limit: int = 12) -> str:
-    """Keys for an error message: the first `limit`, then a count."""
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def load_official_weights(
     model: DEIMDetectionModel, state: dict[str, torch.Tensor], source: str = "state dict"
 ) -> None:
@@ -103,8 +98,8 @@ def load_official_weights(
     if required or unexpected:
         raise ValueError(
             f"{source} does not match {model.yaml.get('yaml_file', 'the model YAML')} (is it another size?).\n"
-            f"Missing keys ({len(required)}): {_listing(required)}\nUnexpected keys ({len(unexpected)}): "
-            f"{_listing(unexpected)}"
+            f"Missing keys ({len(required)}): {listing(required)}\nUnexpected keys ({len(unexpected)}): "
+            f"{listing(unexpected)}"
         )
     for key in sorted(set(missing) & optional):
         LOGGER.info(f"{source}: '{rename_official_key(key, official_name)}' absent (training-only), initialised anew")

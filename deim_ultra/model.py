@@ -68,7 +68,10 @@ class DEIM(Model):
 
     def _load(self, weights: str, task: str | None = None) -> None:
         """Load a checkpoint or export, refusing `.pt` files that hold neither a DEIM nor an RT-DETR model."""
-        super()._load(weights, task=task)
+        try:
+            super()._load(weights, task=task)
+        except (AttributeError, KeyError) as e:  # a readable .pt that is not an Ultralytics checkpoint dict
+            raise TypeError(f"'{weights}' is not an Ultralytics/DEIM checkpoint ({type(e).__name__}: {e})") from e
         if str(weights).endswith(".pt") and not isinstance(self.model, RTDETRDetectionModel):
             raise TypeError(
                 f"'{weights}' holds a {type(self.model).__name__}, not a DEIM model. Load it with the Ultralytics "

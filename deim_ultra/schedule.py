@@ -58,7 +58,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def _check_policy(policy: Policy, epochs: int) -> None:
+def check_policy(policy: Policy, epochs: int) -> None:
     """Raise ValueError unless `0 <= e0 <= e1 <= e2 <= epochs`."""
     e0, e1, e2 = policy
     if not 0 <= e0 <= e1 <= e2 <= epochs:
@@ -87,7 +87,7 @@ def scale_policy(policy: Policy, recipe_epochs: int, epochs: int) -> Policy:
     """
     if recipe_epochs < 1 or epochs < 1:
         raise ValueError(f"recipe_epochs ({recipe_epochs}) and epochs ({epochs}) must be >= 1")
-    _check_policy(policy, recipe_epochs)
+    check_policy(policy, recipe_epochs)
     s0, s1, s2 = ((2 * e * epochs + recipe_epochs) // (2 * recipe_epochs) for e in policy)
     cap = epochs - 1 if policy[2] < recipe_epochs and epochs >= 2 else epochs
     e2 = min(max(s2, 1), cap)

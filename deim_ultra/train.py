@@ -29,7 +29,15 @@ from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.optim import build_adamw
-from deim_ultra.schedule import RECIPES, ema_decay, flat_cosine_factor, multiscale_sizes, scale_policy, stage_at
+from deim_ultra.schedule import (
+    RECIPES,
+    check_policy,
+    ema_decay,
+    flat_cosine_factor,
+    multiscale_sizes,
+    scale_policy,
+    stage_at,
+)
 
 
 def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
@@ -41,6 +49,11 @@ def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
 def backbone_modules(model: nn.Module) -> list[nn.Module]:
     """Layers that get the backbone learning rate: those of the YAML's `backbone` section."""
     return list(model.model[: len(model.yaml["backbone"])])
+
+
+# Ultralytics settings a recipe replaces (AdamW groups; FlatCosine's own warmup in iterations; the no-aug tail instead
+# of close_mosaic): giving another value is refused rather than silently ignored.
+RECIPE_CONFLICTS = {"optimizer": "AdamW", "warmup_epochs": 0, "close_mosaic": 0}
 
 
 def recipe_overrides(overrides: dict) -> dict:
@@ -56,12 +69,18 @@ def recipe_overrides(overrides: dict) -> dict:
         return {**overrides, "recipe": "none"}
     if name not in RECIPES:
         raise ValueError(f"recipe={name} is not one of {', '.join(RECIPES)}, auto or none")
+    conflicts = {k: v for k, v in overrides.items() if k in RECIPE_CONFLICTS and v != RECIPE_CONFLICTS[k]}
+    if conflicts:
+        raise ValueError(
+            f"recipe={name} runs its own optimizer (AdamW), lr warmup and no-aug tail, so {conflicts} would be "
+            f"ignored; drop them or train with recipe=none"
+        )
     r = RECIPES[name]
     defaults = {
         "recipe": name,
+        **RECIPE_CONFLICTS,
         "epochs": r.epochs,
         "batch": r.batch,
-        "optimizer": "AdamW",
         "lr0": r.lr,
         "backbone_lr": r.backbone_lr,
         "weight_decay": r.weight_decay,
@@ -70,10 +89,8 @@ def recipe_overrides(overrides: dict) -> dict:
         "ema_decay": r.ema_decay,
         "ema_tau": r.ema_tau,
         "clip_max_norm": r.clip_max_norm,
-        "warmup_epochs": 0,  # FlatCosine has its own warmup, in iterations
         # One optimizer step per batch with weight decay as given: Ultralytics would accumulate up to nbs images.
         "nbs": overrides.get("batch", r.batch),
-        "close_mosaic": 0,  # the no-aug tail replaces Ultralytics' close_mosaic
     }
     return {**defaults, **overrides}
 
@@ -125,6 +142,10 @@ class DEIMTrainer(RTDETRTrainer):
         self.warmup_iters = 0
         self.scale_rng = random.Random(self.args.seed)
         self.mixup_rng = torch.Generator().manual_seed(self.args.seed)
+        if self.recipe_active and self.args.policy_epochs is not None:
+            if len(self.args.policy_epochs) != 3:
+                raise ValueError(f"policy_epochs={self.args.policy_epochs}: give three epochs [e0, e1, e2]")
+            check_policy(tuple(self.args.policy_epochs), self.args.epochs)
         if self.recipe_active:
             for event, callback in (
                 ("on_train_epoch_start", on_train_epoch_start),
@@ -246,8 +267,8 @@ class DEIMTrainer(RTDETRTrainer):
             return batch
         if self.stage == "dense_o2o":
             batch = batch_mixup(batch, generator=self.mixup_rng, p=self.args.mixup_prob)
-        sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat)
-        if sizes and self.stage != "no_aug":
+        if self.stage != "no_aug":  # one size per batch; [imgsz] alone when multi-scale is off
+            sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat)
             size = self.scale_rng.choice(sizes)
             if size != batch["img"].shape[-1]:
                 batch["img"] = nn.functional.interpolate(batch["img"], size=(size, size), mode="bilinear")

@@ -6,7 +6,7 @@ import torch
 from deim_ultra.convert import load_official_weights, official_prefixes
 from deim_ultra.nn.tasks import DEIMDetectionModel
 
-# Counted from the authors' code (SPEC.md section 1): training layout, then deploy layout (fused, heads dropped).
+# The authors' models' model.parameters() counts: training layout, then deploy layout (fused, heads dropped).
 AUTHORS_PARAMS = {
     "n": (3_782_693, 3_753_799),
     "s": (10_321_877, 10_237_491),
@@ -55,7 +55,16 @@ def test_converter_is_size_generic():
     """An official-layout state dict of DEIM-S (3 levels, other layer indices) converts back strictly."""
     torch.manual_seed(0)
     source = DEIMDetectionModel("deim-s.yaml", verbose=False)
-    ours_to_official = {v: k for k, v in official_prefixes(source).items()}
+    prefixes = official_prefixes(source)
+    # S has three encoder inputs, hence three Pick layers before the head: the decoder is layer 9 (8 for N).
+    expected = {
+        "backbone.stem.": "model.0.",
+        **{f"backbone.stages.{i}.": f"model.{i + 1}." for i in range(4)},
+        "encoder.": "model.5.",
+        "decoder.": "model.9.",
+    }
+    assert prefixes == expected
+    ours_to_official = {v: k for k, v in prefixes.items()}
     official = {}
     for key, value in source.state_dict().items():
         prefix = next(p for p in ours_to_official if key.startswith(p))

@@ -45,3 +45,47 @@ def test_broken_files_are_skipped_and_named(broken, caplog):
     for i in range(len(dataset)):
         boxes = dataset[i]["bboxes"].numpy()
         assert (boxes[:, 2:] > 0).all() and np.isfinite(boxes).all()  # the zero-width box never reaches the loss
+
+
+def test_unreadable_weight_files_are_named(tmp_path):
+    import torch
+
+    from deim_ultra import DEIM, convert_official
+
+    garbage, a_list = tmp_path / "garbage.pth", tmp_path / "list.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    torch.save([1, 2], a_list)
+    with pytest.raises(ValueError, match="garbage.pth"):
+        convert_official(garbage)
+    with pytest.raises(ValueError, match="list.pt"):
+        convert_official(a_list)
+    with pytest.raises(TypeError, match="list.pt"):
+        DEIM(a_list)
+
+
+def test_mistyped_paths_do_not_fall_back_to_shipped_files(tmp_path):
+    from deim_ultra.cfg import resolve_data_yaml, resolve_model_yaml
+
+    with pytest.raises(FileNotFoundError, match="deim-s.yaml"):
+        resolve_model_yaml(tmp_path / "deim-s.yaml")
+    assert resolve_model_yaml("deim-s.yaml").parent.name == "cfg"
+    assert resolve_data_yaml(str(tmp_path / "deepforest.yaml")) == str(tmp_path / "deepforest.yaml")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(policy_epochs=[5, 2, 8]), "e0 <= e1"),
+        (dict(policy_epochs=[1, 2]), "three epochs"),
+        (dict(policy_epochs=[1, 2, 30]), "epochs"),
+        (dict(optimizer="SGD"), "recipe=none"),
+        (dict(close_mosaic=5), "recipe=none"),
+    ],
+)
+def test_recipe_settings_that_cannot_work_are_refused(tiny_data, tmp_path, settings, message):
+    from deim_ultra.train import DEIMTrainer
+
+    with pytest.raises(ValueError, match=message):
+        DEIMTrainer(
+            overrides=dict(model="deim-n.yaml", data=str(tiny_data), epochs=10, project=str(tmp_path), **settings)
+        )

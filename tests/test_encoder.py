@@ -13,7 +13,7 @@ from deim_ultra.nn.encoder_blocks import CSPLayer, sincos_pos_embed_2d
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
 from deim_ultra.nn.tasks import DEIMDetectionModel
 
-# SPEC section 1: (c1, hidden_dim, ffn_dim, expansion, depth_mult, strides) per size.
+# The authors' configs: (c1, hidden_dim, ffn_dim, expansion, depth_mult, strides) per size.
 SIZES = {
     "N": ([512, 1024], 128, 512, 0.34, 0.5, [16, 32]),
     "S": ([256, 512, 1024], 256, 1024, 0.5, 0.34, [8, 16, 32]),
@@ -62,7 +62,7 @@ def test_n_matches_official_layout_and_parameter_count(parity_fixture):
     enc = HybridEncoder(*SIZES["N"])
     official = {k: tuple(v.shape) for k, v in official_encoder_state(parity_fixture).items()}
     assert {k: tuple(v.shape) for k, v in enc.state_dict().items()} == official
-    assert n_params(enc) == 703_824  # the authors' training layout (SPEC / task brief)
+    assert n_params(enc) == 703_824  # the authors' encoder, training layout (the parity fixture's encoder.* parameters)
     assert enc.out_channels == [128, 128]
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel
 
-# The shipped model whose backbone is each HGNetv2 variant (SPEC section 1).
+# The shipped model whose backbone is each HGNetv2 variant (the authors' configs).
 VARIANT_MODELS = {"B0": "deim-n.yaml", "B2": "deim-m.yaml", "B4": "deim-l.yaml", "B5": "deim-x.yaml"}
 
 

@@ -35,8 +35,19 @@ def test_vfl_replaces_mal_in_the_loss_columns(tiny_data, tmp_path):
 
 def test_o2m_adds_one_to_many_terms(tiny_data, tmp_path):
     model, row = train_one_epoch(tiny_data, tmp_path, o2m=True)
-    criterion = model.trainer.model.criterion
-    assert criterion.o2m
+    trained = model.trainer.model.train()
+    assert trained.criterion.o2m
+    batch = next(iter(model.trainer.train_loader))
+    images = batch["img"].float() / 255
+    targets = [
+        {
+            "labels": batch["cls"][batch["batch_idx"] == i].long().view(-1),
+            "boxes": batch["bboxes"][batch["batch_idx"] == i],
+        }
+        for i in range(len(images))
+    ]
+    terms = trained.criterion(trained.predict(images), targets)
+    assert {"loss_mal_o2m", "loss_bbox_o2m", "loss_giou_o2m"} <= set(terms)
     assert float(row["train/pos_per_img"]) > 0
 
 

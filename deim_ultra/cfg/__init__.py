@@ -19,7 +19,7 @@ def _resolve(name: str | Path, folder: Path, kind: str) -> Path:
     if path.is_file():
         return path
     shipped = folder / path.name
-    if shipped.is_file():
+    if path.name == str(name) and shipped.is_file():  # bare names only: a mistyped path must not find ours
         return shipped
     known = ", ".join(sorted(p.name for p in folder.glob("*.yaml")))
     raise FileNotFoundError(f"{kind} '{name}' not found, neither as a path nor among the shipped ones: {known}")
@@ -27,7 +27,7 @@ def _resolve(name: str | Path, folder: Path, kind: str) -> Path:
 
 def resolve_model_yaml(name: str | Path) -> Path:
     """Path of a model YAML: a file on disk, a shipped name such as 'deim-s.yaml', or an Ultralytics RT-DETR one."""
-    if not Path(name).is_file() and not (CFG_DIR / Path(name).name).is_file() and "rtdetr" in Path(name).stem:
+    if not Path(name).is_file() and not (CFG_DIR / str(name)).is_file() and "rtdetr" in Path(name).stem:
         return Path(check_yaml(name))  # Ultralytics' own rtdetr-*.yaml, for training them with the DEIM recipe
     return _resolve(name, CFG_DIR, "Model YAML")
 
@@ -39,8 +39,9 @@ def resolve_data_yaml(name: str | Path) -> str | Path:
     resolve and to report on.
     """
     path = Path(str(name))
-    if path.suffix in {".yaml", ".yml"} and not path.exists() and (CFG_DIR / "datasets" / path.name).is_file():
-        return CFG_DIR / "datasets" / path.name
+    shipped = CFG_DIR / "datasets" / path.name
+    if path.suffix in {".yaml", ".yml"} and path.name == str(name) and not path.exists() and shipped.is_file():
+        return shipped
     return name
 
 

@@ -6,10 +6,10 @@ Ultralytics transforms pass one `labels` dict along: `img` (H, W, C) uint8 BGR n
 work is done by torchvision.transforms.v2; `TorchvisionTransform` converts the dict to a torchvision sample (RGB image,
 pixel XYXY `BoundingBoxes`, class labels) and back, so boxes and their classes always travel together.
 
-Order (SPEC section 4): Mosaic -> RandomPhotometricDistort -> RandomZoomOut + RandomIoUCrop -> SanitizeBoundingBoxes
--> horizontal flip -> stretch resize -> Format (normalised cxcywh). A sample that Mosaic changed skips zoom-out and
-IoU-crop: Mosaic marks it under MOSAIC_FLAG and the zoom-out/IoU-crop transform consumes the mark. Batch mixup works on
-collated batches and lives in `deim_ultra.data.mixup`.
+Order (the authors' DEIM recipe): Mosaic -> RandomPhotometricDistort -> RandomZoomOut + RandomIoUCrop ->
+SanitizeBoundingBoxes -> horizontal flip -> stretch resize -> Format (normalised cxcywh). A sample that Mosaic changed
+skips zoom-out and IoU-crop: Mosaic marks it under MOSAIC_FLAG and the zoom-out/IoU-crop transform consumes the mark.
+Batch mixup works on collated batches and lives in `deim_ultra.data.mixup`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from ultralytics.data.augment import BaseMixTransform, BaseTransform, Compose, F
 from ultralytics.utils import IterableSimpleNamespace
 from ultralytics.utils.instance import Instances
 
-STAGES = ("warmup", "dense_o2o", "aug", "no_aug")  # data-policy stages, in training order (SPEC epochs e0 < e1 < e2)
+from deim_ultra.schedule import STAGES
+
 MOSAIC_STAGES = ("dense_o2o",)  # stages with mosaic (and batch mixup)
 RANDOM_AUG_STAGES = ("dense_o2o", "aug")  # stages with photometric distortion, zoom-out and IoU-crop
 

@@ -36,8 +36,3 @@ class DEIMDataset(YOLODataset):
         """Switch to data `stage` and rebuild the transforms; reset the DataLoader for its workers to see it."""
         self.stage = check_stage(stage)
         self.transforms = self.build_transforms(self.hyp)
-
-    def close_mosaic(self, hyp: IterableSimpleNamespace) -> None:
-        """Ultralytics' trainer hook for its final `close_mosaic` epochs: enter DEIM's augmentation-free tail."""
-        self.stage = "no_aug"
-        self.transforms = self.build_transforms(hyp)

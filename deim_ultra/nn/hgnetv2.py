@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deim_ultra.weights import listing, read_checkpoint
+
 __all__ = ["ConvBNAct", "HGBlock", "HGStage", "HGStem", "LearnableAffine", "LightConvBNAct", "load_hgnetv2_pretrained"]
 
 
@@ -243,7 +245,7 @@ def load_hgnetv2_pretrained(stem: nn.Module, stages: Sequence[nn.Module], path: 
         RuntimeError: naming the file and the missing, unexpected or wrongly shaped keys when it does not match.
     """
     path = Path(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     state = checkpoint.get("model", checkpoint)
     # Plain containers named like the official model give exactly the official key prefixes.
     backbone = nn.Module()
@@ -269,10 +271,4 @@ def _state_mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.
         if k in given and given[k].shape != v.shape
     ]
     groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
-    return [f"{len(items)} {what}: {_listing(items)}" for what, items in groups if items]
-
-
-def _listing(items: list[str], limit: int = 10) -> str:
-    """The first ``limit`` items comma-separated, then how many more, to keep error messages readable."""
-    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
+    return [f"{len(items)} {what}: {listing(items)}" for what, items in groups if items]
