@@ -18,10 +18,9 @@ from ultralytics.nn.modules.head import Detect, RTDETRDecoder
 from ultralytics.nn.modules.transformer import MLP
 from ultralytics.nn.modules.utils import bias_init_with_prob
 
+from deim_ultra.nn.activations import ACTIVATIONS
 from deim_ultra.nn.decoder_layers import DecoderStates, DFINEDecoderLayer, DFINEHeads, DFINETransformerDecoder
 from deim_ultra.nn.denoising import denoising_group
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 class _BufferAttribute:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from deim_ultra.nn.activations import make_act
+
 
 def conv_norm_pair(c1: int, c2: int, k: int = 1) -> nn.Sequential:
     """Bias-free stride-1 'same' conv then BatchNorm, keyed ``conv``/``norm``, without activation or ``fuse()``."""
@@ -36,12 +38,6 @@ def fold_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
     return fused
-
-
-def make_act(act: str | None) -> nn.Module:
-    """Map an activation name ("silu", "gelu", "relu" or None) to a module."""
-    acts = {None: nn.Identity, "silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
-    return acts[act]()
 
 
 class ConvNorm(nn.Module):
