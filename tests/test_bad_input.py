@@ -89,3 +89,30 @@ def test_recipe_settings_that_cannot_work_are_refused(tiny_data, tmp_path, setti
         DEIMTrainer(
             overrides=dict(model="deim-n.yaml", data=str(tiny_data), epochs=10, project=str(tmp_path), **settings)
         )
+
+
+def test_zero_area_targets_are_ignored_by_the_loss(caplog):
+    import torch
+
+    from deim_ultra.nn.tasks import DEIMDetectionModel
+
+    torch.manual_seed(0)
+    model = DEIMDetectionModel("deim-n.yaml", nc=3, verbose=False).eval()
+    images = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        preds = model(images)
+    clean = {
+        "img": images,
+        "cls": torch.tensor([[0.0], [1.0]]),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]] * 2),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+    }
+    dirty = {
+        **clean,
+        "cls": torch.tensor([[0.0], [2.0], [1.0]]),
+        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.4, 0.4, 0.0, 0.1], [0.5, 0.5, 0.2, 0.3]]),
+    }
+    caplog.set_level(logging.WARNING, logger="ultralytics")
+    assert model.loss(dirty, preds)[0].item() == pytest.approx(model.loss(clean, preds)[0].item(), rel=1e-6)
+    assert "zero-area" in caplog.text

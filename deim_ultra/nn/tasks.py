@@ -126,6 +126,12 @@ class DEIMLoss:
         batch_idx = batch["batch_idx"].to(img.device, dtype=torch.long).view(-1)
         cls = batch["cls"].to(img.device, dtype=torch.long).view(-1)
         bboxes = batch["bboxes"].to(img.device)
+        valid = (bboxes[:, 2] > 0) & (bboxes[:, 3] > 0)
+        if not valid.all():  # Ultralytics keeps zero-area labels; as targets they only add noise to matching
+            if not getattr(self, "warned_degenerate", False):
+                LOGGER.warning(f"Ignoring {int((~valid).sum())} zero-area target boxes in a batch (logged once)")
+                self.warned_degenerate = True
+            batch_idx, cls, bboxes = batch_idx[valid], cls[valid], bboxes[valid]
         gt_groups = torch.bincount(batch_idx, minlength=img.shape[0]).tolist()
         if preds is None:
             dn_batch = {"cls": cls, "bboxes": bboxes, "batch_idx": batch_idx, "gt_groups": gt_groups}
