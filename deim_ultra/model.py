@@ -10,6 +10,7 @@ from ultralytics.models.rtdetr.predict import RTDETRPredictor
 from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.nn.tasks import RTDETRDetectionModel
 
+from deim_ultra.backbone_weights import is_backbone_file
 from deim_ultra.cfg import resolve_data_yaml, resolve_model_yaml
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer
@@ -86,6 +87,11 @@ class DEIM(Model):
         """
         if "data" in kwargs:
             kwargs["data"] = resolve_data_yaml(kwargs["data"])
+        if self.ckpt and is_backbone_file(kwargs.get("pretrained")) and not kwargs.get("resume"):
+            raise ValueError(
+                f"pretrained={kwargs['pretrained']} initialises the backbone of a model built from a YAML, but this "
+                f"model was loaded from '{self.ckpt_path}' and already holds weights. Fix: DEIM('deim-<size>.yaml')"
+            )
         if kwargs.get("recipe", "auto") == "auto" and not kwargs.get("resume"):
             kwargs["recipe"] = getattr(self.model, "yaml", {}).get("recipe", "none")
         return super().train(trainer=trainer, **kwargs)

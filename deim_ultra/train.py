@@ -22,6 +22,7 @@ from ultralytics.models.rtdetr.val import RTDETRDataset, RTDETRValidator
 from ultralytics.nn.tasks import yaml_model_load
 from ultralytics.utils import LOGGER, RANK, colorstr
 
+from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml, ultralytics_args
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
@@ -165,15 +166,34 @@ class DEIMTrainer(RTDETRTrainer):
         model = self.set_model_names_for_load(model)
         if weights:
             model.load(weights)
-        elif isinstance(self.args.pretrained, str) and self.args.pretrained:
-            load_hgnetv2_pretrained(*backbone_layers(model), self.args.pretrained)
-            LOGGER.info(f"Backbone initialised from ImageNet weights '{self.args.pretrained}'")
         elif isinstance(model, DEIMDetectionModel):
-            LOGGER.info(
-                "Backbone starts from random weights; for the authors' ImageNet start pass "
-                "pretrained=path/to/PPHGNetV2_B<k>_stage1.pth"
-            )
+            self.init_backbone(model)
         return model
+
+    def init_backbone(self, model: DEIMDetectionModel) -> None:
+        """Load the ImageNet HGNetv2 weights that `pretrained` asks for (see `deim_ultra.backbone_weights`)."""
+        path = backbone_weights(self.args.pretrained, model.yaml.get("backbone_weights"))
+        if path is None:
+            LOGGER.info(f"Backbone starts from random weights (pretrained={self.args.pretrained})")
+            return
+        load_hgnetv2_pretrained(*backbone_layers(model), path)
+        LOGGER.info(f"Backbone initialised from ImageNet weights '{path}'")
+
+    def setup_model(self):
+        """Ultralytics' set-up, except that a `.pth` in `pretrained` is the backbone's file, not a checkpoint.
+
+        Ultralytics' `setup_model` opens any string `pretrained` as a full `.pt` checkpoint, so a backbone file is
+        handled here: the model is built from its YAML and `get_model` loads the backbone.
+        """
+        if isinstance(self.model, nn.Module) or self.resume or not is_backbone_file(self.args.pretrained):
+            return super().setup_model()
+        if not str(self.model).endswith((".yaml", ".yml")):
+            raise ValueError(
+                f"pretrained={self.args.pretrained} initialises the backbone of a model built from a YAML, but "
+                f"model={self.model} already holds weights. Fix: train model=deim-<size>.yaml with it, or drop it"
+            )
+        self.model = self.get_model(cfg=str(self.model), weights=None, verbose=RANK == -1)
+        return None
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
         """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation."""

@@ -11,6 +11,8 @@ from torch import nn
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel
 
+from helpers import official_state
+
 # The shipped model whose backbone is each HGNetv2 variant (the authors' configs).
 VARIANT_MODELS = {"B0": "deim-n.yaml", "B2": "deim-m.yaml", "B4": "deim-l.yaml", "B5": "deim-x.yaml"}
 
@@ -20,14 +22,6 @@ def build(variant: str) -> tuple[HGStem, list[HGStage]]:
     layers = DEIMDetectionModel(VARIANT_MODELS[variant], verbose=False).model
     (stem,) = (m for m in layers if isinstance(m, HGStem))
     return stem, [m for m in layers if isinstance(m, HGStage)]
-
-
-def official_state(stem: nn.Module, stages: list[nn.Module], prefix: str = "") -> dict[str, torch.Tensor]:
-    """The modules' state under the official names: ``{prefix}stem.*`` and ``{prefix}stages.<i>.*``."""
-    state = {f"{prefix}stem.{k}": v for k, v in stem.state_dict().items()}
-    for i, stage in enumerate(stages):
-        state.update({f"{prefix}stages.{i}.{k}": v for k, v in stage.state_dict().items()})
-    return state
 
 
 def run(stem: nn.Module, stages: list[nn.Module], images: torch.Tensor) -> list[torch.Tensor]:

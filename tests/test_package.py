@@ -31,7 +31,8 @@ def tracked_package_yamls() -> list[str]:
 
 
 def test_no_package_file_is_ignored():
-    ignored = [f for f in git("ls-files", "--others", "--ignored", "--exclude-standard", "deim_ultra") if ".pyc" not in f]
+    untracked = git("ls-files", "--others", "--ignored", "--exclude-standard", "deim_ultra")
+    ignored = [f for f in untracked if ".pyc" not in f]
     assert ignored == [], f"ignored by .gitignore, so missing from every clone: {ignored}"
 
 
@@ -85,8 +86,12 @@ def test_shipped_yamls_resolve_by_bare_name_from_an_empty_directory(wheel, tmp_p
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     names = tracked_package_yamls()
     result = subprocess.run(
-        [sys.executable, "-c", RESOLVE, *names], cwd=cwd, env={**os.environ, "PYTHONPATH": str(site)},
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", RESOLVE, *names],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,6 +1,5 @@
 """End to end: the `deim` CLI and the DEIM class train, validate, predict and export like Ultralytics models."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import deim_cli
+
 IMGSZ = 160
-
-
-def deim_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run the installed `deim` command from `cwd` (outside the repository, so package data must be installed)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    cmd = [str(Path(sys.executable).with_name("deim")), *args]  # the console script `pip install .` created
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -180,29 +174,3 @@ def test_shipped_yamls_build_by_bare_name():
     with torch.no_grad():
         y, _ = model(torch.zeros(1, 3, IMGSZ, IMGSZ))
     assert y.shape == (1, 300, 6)
-
-
-def test_pretrained_backbone_is_loaded_from_local_file(tiny_data, tmp_path):
-    """`pretrained=PPHGNetV2_B0_stage1.pth` (the authors' ImageNet file layout) initialises the backbone."""
-    from deim_ultra.nn.tasks import DEIMDetectionModel
-    from deim_ultra.train import DEIMTrainer, backbone_layers
-
-    torch.manual_seed(1)
-    donor = DEIMDetectionModel("deim-n.yaml", verbose=False)
-    stem, stages = backbone_layers(donor)
-    state = {f"stem.{k}": v for k, v in stem.state_dict().items()}
-    for i, stage in enumerate(stages):
-        state.update({f"stages.{i}.{k}": v for k, v in stage.state_dict().items()})
-    state["head.fc.weight"] = torch.zeros(1000, 2048)  # the classifier of the ImageNet model is ignored
-    path = tmp_path / "PPHGNetV2_B0_stage1.pth"
-    torch.save(state, path)
-    trainer = DEIMTrainer(
-        overrides=dict(model="deim-n.yaml", data=str(tiny_data), pretrained=str(path), project=str(tmp_path), name="t")
-    )
-    trainer.data = {"nc": 3, "channels": 3}
-    model = trainer.get_model(cfg="deim-n.yaml", verbose=False)
-    loaded_stem, loaded_stages = backbone_layers(model)
-    assert torch.equal(loaded_stem.stem1.conv.weight, stem.stem1.conv.weight)
-    assert torch.equal(
-        loaded_stages[3].blocks[0].aggregation[1].conv.weight, stages[3].blocks[0].aggregation[1].conv.weight
-    )
