@@ -23,6 +23,9 @@ from deim_ultra.weights import listing, read_checkpoint
 
 # Present only when a checkpoint was saved with denoising on; the model initialises it itself otherwise.
 TRAINING_ONLY_KEYS = ("decoder.denoising_class_embed.weight",)
+# Buffers computed from the decoder's eval_spatial_size: rebuilt by the model for its YAML's size, never loaded, so a
+# checkpoint trained at another size (e.g. the authors' 320 px configs) converts too.
+DERIVED_KEYS = ("decoder.anchors", "decoder.valid_mask")
 
 
 def load_official_state_dict(src: str | Path | dict) -> dict[str, torch.Tensor]:
@@ -86,14 +89,16 @@ def load_official_weights(
         ValueError: When keys are missing (other than training-only ones), unexpected, or of the wrong shape.
     """
     prefixes = official_prefixes(model)
-    mapped, unmatched = map_official_keys(state, prefixes)
-    optional = {rename_official_key(k, prefixes) for k in TRAINING_ONLY_KEYS}
+    derived = {k: state[k] for k in DERIVED_KEYS if k in state}
+    mapped, unmatched = map_official_keys({k: v for k, v in state.items() if k not in derived}, prefixes)
+    training_only = {rename_official_key(k, prefixes) for k in TRAINING_ONLY_KEYS}
+    rebuilt = {rename_official_key(k, prefixes) for k in DERIVED_KEYS}
     try:
         missing, unexpected = model.load_state_dict(mapped, strict=False)
     except RuntimeError as e:
         raise ValueError(f"{source} does not fit {model.yaml.get('yaml_file', 'this model YAML')}: {e}") from e
     official_name = {v: k for k, v in prefixes.items()}  # report keys as the checkpoint names them
-    required = [rename_official_key(k, official_name) or k for k in missing if k not in optional]
+    required = [rename_official_key(k, official_name) or k for k in missing if k not in training_only | rebuilt]
     unexpected = unmatched + [rename_official_key(k, official_name) for k in unexpected]
     if required or unexpected:
         raise ValueError(
@@ -101,8 +106,16 @@ def load_official_weights(
             f"Missing keys ({len(required)}): {listing(required)}\nUnexpected keys ({len(unexpected)}): "
             f"{listing(unexpected)}"
         )
-    for key in sorted(set(missing) & optional):
+    for key in sorted(set(missing) & training_only):
         LOGGER.info(f"{source}: '{rename_official_key(key, official_name)}' absent (training-only), initialised anew")
+    ours = model.state_dict()
+    for key, value in derived.items():
+        buffer = ours[rename_official_key(key, prefixes)]
+        if value.shape != buffer.shape or not torch.equal(value, buffer):
+            LOGGER.info(
+                f"{source}: '{key}' {tuple(value.shape)} was cached for another input size; rebuilt as "
+                f"{tuple(buffer.shape)} for this YAML's eval_spatial_size"
+            )
 
 
 def convert_official(src: str | Path | dict, model: str | Path = "deim-n.yaml") -> DEIM:

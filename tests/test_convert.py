@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,36 @@ def test_dfine_checkpoint_converts_into_a_relu_yaml(official, parity_fixture, tm
     deim = convert_official(official, "deim-n.yaml")
     images = parity_fixture["images"][:1]
     assert not torch.allclose(eval_logits(dfine, images), eval_logits(deim, images))
+
+
+def official_layout(model) -> dict[str, torch.Tensor]:
+    """`model`'s state dict under the official key names, as the authors' checkpoints store it."""
+    from deim_ultra.convert import official_prefixes
+
+    ours_to_official = {v: k for k, v in official_prefixes(model).items()}
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix = next(p for p in ours_to_official if key.startswith(p))
+        state[ours_to_official[prefix] + key[len(prefix) :]] = value
+    return state
+
+
+def test_anchor_buffers_of_another_input_size_are_rebuilt(caplog):
+    """A checkpoint trained at 128 px caches 8x8 + 4x4 = 80 anchors; deim-n.yaml's 640 px needs 40x40 + 20x20."""
+    from deim_ultra.nn.tasks import DEIMDetectionModel
+
+    torch.manual_seed(0)
+    state = official_layout(DEIMDetectionModel("deim-n.yaml", verbose=False))
+    at_640 = state["decoder.anchors"].clone()
+    assert at_640.shape == (1, 2000, 4)
+    small = {**state, "decoder.anchors": torch.zeros(1, 80, 4), "decoder.valid_mask": torch.ones(1, 80, 1).bool()}
+    with caplog.at_level("INFO"):
+        converted = convert_official(small, "deim-n.yaml")
+    assert "'decoder.anchors' (1, 80, 4) was cached for another input size" in caplog.text
+    assert torch.equal(converted.model.model[-1].anchors, at_640)
+    image = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
+    kwargs = dict(imgsz=640, conf=0.0, max_det=50, verbose=False)
+    boxes = converted.predict(image, **kwargs)[0].boxes
+    reference = convert_official(state, "deim-n.yaml").predict(image, **kwargs)[0].boxes
+    assert len(boxes) == 50
+    assert torch.equal(boxes.data, reference.data)
