@@ -129,23 +129,27 @@ def flat_cosine_factor(
     return lr_gamma + (1.0 - lr_gamma) * 0.5 * (1.0 + math.cos(math.pi * (iteration - flat) / (end - flat)))
 
 
-def multiscale_sizes(imgsz: int, base_size_repeat: int | None) -> list[int]:
+def multiscale_sizes(imgsz: int, base_size_repeat: int | None, multi_scale: float = 0.25) -> list[int]:
     """Training sizes to draw one per batch from, until `e2`; the base size is repeated to dominate the draw.
 
-    Rule: `imgsz + 32 * k` for k = -5..-1, then `imgsz` `base_size_repeat` times, then k = 1..5. For 640 that is the
-    authors' list [480, 512, 544, 576, 608] + [640] * repeat + [672, 704, 736, 768, 800]; sizes are multiples of 32
-    when `imgsz` is. Without multi-scale (`base_size_repeat` None, or `imgsz < 192`, where the smallest size
-    `imgsz - 160` would fall below one 32-pixel stride) the list is just `[imgsz]`.
+    Rule: with `k_max = floor(imgsz * multi_scale / 32)`, the sizes `imgsz + 32 * k` for k = -k_max..-1, then `imgsz`
+    `base_size_repeat` times, then k = 1..k_max, keeping sizes of at least 32 (one stride). For 640 and the recipe's
+    `multi_scale` 0.25 that is the authors' list [480, 512, 544, 576, 608] + [640] * repeat + [672, 704, 736, 768,
+    800]; sizes are multiples of 32 when `imgsz` is. Without multi-scale (`base_size_repeat` None, or a range below
+    one 32-pixel step) the list is just `[imgsz]`.
 
     Args:
         imgsz (int): Base (validation) image size in pixels.
         base_size_repeat (int | None): Copies of `imgsz` in the list (>= 0); None disables multi-scale.
+        multi_scale (float): Half-width of the size range as a fraction of `imgsz` (Ultralytics' `multi_scale`).
     """
-    if base_size_repeat is None or imgsz - 160 < 32:
+    steps = int(imgsz * multi_scale // 32)
+    if base_size_repeat is None or steps < 1:
         return [imgsz]
     if base_size_repeat < 0:
         raise ValueError(f"base_size_repeat must be >= 0 or None, got {base_size_repeat}")
-    return [imgsz + 32 * k for k in range(-5, 0)] + [imgsz] * base_size_repeat + [imgsz + 32 * k for k in range(1, 6)]
+    smaller = [imgsz + 32 * k for k in range(-steps, 0) if imgsz + 32 * k >= 32]
+    return smaller + [imgsz] * base_size_repeat + [imgsz + 32 * k for k in range(1, steps + 1)]
 
 
 def ema_decay(updates: int, decay: float, tau: float) -> float:

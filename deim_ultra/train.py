@@ -17,19 +17,21 @@ from functools import partial
 import torch
 from torch import nn
 from ultralytics.cfg import cfg2dict
+from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.rtdetr.train import RTDETRTrainer
-from ultralytics.models.rtdetr.val import RTDETRDataset, RTDETRValidator
-from ultralytics.nn.tasks import yaml_model_load
+from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.utils import LOGGER, RANK, colorstr
+from ultralytics.utils.patches import override_configs
 
 from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
-from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml, ultralytics_args
+from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.optim import build_adamw
+from deim_ultra.recipe_settings import recipe_overrides
 from deim_ultra.schedule import (
     RECIPES,
     check_policy,
@@ -50,55 +52,6 @@ def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
 def backbone_modules(model: nn.Module) -> list[nn.Module]:
     """Layers that get the backbone learning rate: those of the YAML's `backbone` section."""
     return list(model.model[: len(model.yaml["backbone"])])
-
-
-# Ultralytics settings a recipe replaces (AdamW groups; FlatCosine's own warmup in iterations; the no-aug tail instead
-# of close_mosaic): giving another value is refused rather than silently ignored.
-RECIPE_CONFLICTS = {"optimizer": "AdamW", "warmup_epochs": 0, "close_mosaic": 0}
-
-
-def recipe_overrides(overrides: dict) -> dict:
-    """Return `overrides` completed with the per-size recipe's defaults for every key the user did not set.
-
-    `recipe=auto` takes the model YAML's `recipe` key; a model without one (e.g. Ultralytics' rtdetr-l.yaml) and
-    `recipe=none` keep Ultralytics' defaults.
-    """
-    name = str(overrides.get("recipe", DEIM_CFG_DICT["recipe"]))
-    if name == "auto":
-        name = str(model_yaml(overrides.get("model")).get("recipe", "none"))
-    if name == "none":
-        return {**overrides, "recipe": "none"}
-    if name not in RECIPES:
-        raise ValueError(f"recipe={name} is not one of {', '.join(RECIPES)}, auto or none")
-    conflicts = {k: v for k, v in overrides.items() if k in RECIPE_CONFLICTS and v != RECIPE_CONFLICTS[k]}
-    if conflicts:
-        raise ValueError(
-            f"recipe={name} runs its own optimizer (AdamW), lr warmup and no-aug tail, so {conflicts} would be "
-            f"ignored; drop them or train with recipe=none"
-        )
-    r = RECIPES[name]
-    defaults = {
-        "recipe": name,
-        **RECIPE_CONFLICTS,
-        "epochs": r.epochs,
-        "batch": r.batch,
-        "lr0": r.lr,
-        "backbone_lr": r.backbone_lr,
-        "weight_decay": r.weight_decay,
-        "lr_gamma": r.lr_gamma,
-        "base_size_repeat": r.base_size_repeat,
-        "ema_decay": r.ema_decay,
-        "ema_tau": r.ema_tau,
-        "clip_max_norm": r.clip_max_norm,
-        # One optimizer step per batch with weight decay as given: Ultralytics would accumulate up to nbs images.
-        "nbs": overrides.get("batch", r.batch),
-    }
-    return {**defaults, **overrides}
-
-
-def model_yaml(model: str | None) -> dict:
-    """The YAML dict of a `model` argument that names a YAML; {} for checkpoints (their recipe is in their args)."""
-    return yaml_model_load(resolve_model_yaml(model)) if str(model).endswith((".yaml", ".yml")) else {}
 
 
 def freeze_constants(model: nn.Module) -> None:
@@ -197,12 +150,14 @@ class DEIMTrainer(RTDETRTrainer):
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
         """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation."""
-        dataset_class = DEIMDataset if mode == "train" and self.recipe_active else RTDETRDataset
-        return dataset_class(
+        if mode != "train" or not self.recipe_active:
+            return super().build_dataset(img_path, mode, batch)
+        # RTDETRTrainer.build_dataset names its dataset class, so its arguments are repeated here for DEIMDataset.
+        return DEIMDataset(
             img_path=img_path,
             imgsz=self.args.imgsz,
             batch_size=batch,
-            augment=mode == "train",
+            augment=True,
             hyp=self.args,
             rect=False,
             cache=self.args.cache or None,
@@ -210,7 +165,7 @@ class DEIMTrainer(RTDETRTrainer):
             prefix=colorstr(f"{mode}: "),
             classes=self.args.classes,
             data=self.data,
-            fraction=self.args.fraction if mode == "train" else 1.0,
+            fraction=1.0 if self.data.get("complete") else get_split_fraction(self.args.fraction, "train"),
         )
 
     def get_validator(self) -> RTDETRValidator:
@@ -220,46 +175,67 @@ class DEIMTrainer(RTDETRTrainer):
         )
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
-        """AdamW with DEIM's parameter groups under a recipe; Ultralytics' choice otherwise."""
+        """AdamW with DEIM's parameter groups and `momentum` as beta1 under a recipe; Ultralytics' choice otherwise."""
         freeze_constants(model)
         if not self.recipe_active:
             return super().build_optimizer(model, name, lr, momentum, decay, iterations)
         optimizer = build_adamw(
-            model, lr=lr, backbone_lr=self.args.backbone_lr, weight_decay=decay, backbone=backbone_modules(model)
+            model,
+            lr=lr,
+            backbone_lr=self.args.backbone_lr,
+            weight_decay=decay,
+            backbone=backbone_modules(model),
+            betas=(momentum, 0.999),
         )
         LOGGER.info(
-            f"{colorstr('optimizer:')} AdamW(lr={lr}, backbone lr={self.args.backbone_lr}, "
+            f"{colorstr('optimizer:')} AdamW(lr={lr}, backbone lr={self.args.backbone_lr}, betas=({momentum}, 0.999), "
             f"weight_decay={decay}; none on norms and biases)"
         )
         return optimizer
 
+    def _build_train_pipeline(self):
+        """Ultralytics' loaders and optimizer; under a recipe nbs is the batch size in use (after AutoBatch or an OOM
+        halving), so Ultralytics neither accumulates gradients nor rescales the weight decay."""
+        if self.recipe_active:
+            self.args.nbs = self.batch_size
+        super()._build_train_pipeline()
+
     def _setup_scheduler(self):
-        """Under a recipe the lr is set per iteration (FlatCosine); the epoch scheduler only records initial_lr."""
+        """Under a recipe the lr is set per iteration (FlatCosine); the epoch scheduler only records initial_lr.
+
+        Ultralytics calls this again each time `time=` re-estimates the epochs, so the policy is (re)placed here.
+        """
         if not self.recipe_active:
             return super()._setup_scheduler()
+        self.set_policy()
         self.lf = constant_lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
 
-    def _setup_train(self):
-        """Ultralytics' set-up, then the recipe's stage boundaries and EMA warm-up."""
-        super()._setup_train()
-        if not self.recipe_active:
-            return
-        self.policy = (
+    def set_policy(self) -> None:
+        """Place the stage boundaries and the lr warmup for the current number of epochs."""
+        recipe = RECIPES[self.args.recipe]
+        policy = (
             tuple(self.args.policy_epochs)
             if self.args.policy_epochs
-            else scale_policy(RECIPES[self.args.recipe].policy_epochs, RECIPES[self.args.recipe].epochs, self.epochs)
+            else scale_policy(recipe.policy_epochs, recipe.epochs, self.epochs)
         )
-        self.ema.decay = partial(ema_decay, decay=self.args.ema_decay, tau=self.args.ema_tau)
         # The recipe's 2000 iterations are about 2 COCO epochs; on a small dataset the lr warmup would outlast the
         # whole run, so by default it ends with the data-aug warmup at the latest.
-        recipe_iters = min(RECIPES[self.args.recipe].warmup_iters, self.policy[0] * len(self.train_loader))
+        recipe_iters = min(recipe.warmup_iters, policy[0] * len(self.train_loader))
         self.warmup_iters = self.args.warmup_iters if self.args.warmup_iters is not None else recipe_iters
-        LOGGER.info(
-            f"{colorstr('DEIM schedule:')} recipe {self.args.recipe}, policy epochs {list(self.policy)} of "
-            f"{self.epochs}: warmup < {self.policy[0]} <= Dense O2O < {self.policy[1]} <= augment < "
-            f"{self.policy[2]} <= no-aug tail"
-        )
+        if policy != self.policy:
+            LOGGER.info(
+                f"{colorstr('DEIM schedule:')} recipe {self.args.recipe}, policy epochs {list(policy)} of "
+                f"{self.epochs}: warmup < {policy[0]} <= Dense O2O < {policy[1]} <= augment < {policy[2]} <= "
+                f"no-aug tail"
+            )
+        self.policy = policy
+
+    def _setup_train(self):
+        """Ultralytics' set-up, then the recipe's EMA warm-up."""
+        super()._setup_train()
+        if self.recipe_active:
+            self.ema.decay = partial(ema_decay, decay=self.args.ema_decay, tau=self.args.ema_tau)
 
     def apply_stage(self) -> None:
         """Put the training set in the stage of the current epoch; rebuild the loader's workers when it changes."""
@@ -274,21 +250,20 @@ class DEIMTrainer(RTDETRTrainer):
     def apply_lr(self) -> None:
         """FlatCosine: set every parameter group's lr for the current iteration."""
         iteration = self.epoch * len(self.train_loader) + self.batch_in_epoch
-        factor = flat_cosine_factor(
-            iteration, len(self.train_loader), self.policy, self.warmup_iters, self.args.lr_gamma
-        )
+        factor = flat_cosine_factor(iteration, len(self.train_loader), self.policy, self.warmup_iters, self.args.lrf)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
 
     def preprocess_batch(self, batch: dict) -> dict:
         """Ultralytics' preprocessing, then batch mixup in the Dense O2O stage and one random size per batch."""
-        batch = super().preprocess_batch(batch)
         if not self.recipe_active:
-            return batch
+            return super().preprocess_batch(batch)
+        with override_configs(self.args, {"multi_scale": 0.0}):  # DEIM's multi-scale below replaces Ultralytics'
+            batch = super().preprocess_batch(batch)
         if self.stage == "dense_o2o":
-            batch = batch_mixup(batch, generator=self.mixup_rng, p=self.args.mixup_prob)
+            batch = batch_mixup(batch, generator=self.mixup_rng, p=self.args.mixup)
         if self.stage != "no_aug":  # one size per batch; [imgsz] alone when multi-scale is off
-            sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat)
+            sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat, self.args.multi_scale)
             size = self.scale_rng.choice(sizes)
             if size != batch["img"].shape[-1]:
                 batch["img"] = nn.functional.interpolate(batch["img"], size=(size, size), mode="bilinear")

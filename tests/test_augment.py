@@ -174,7 +174,10 @@ def test_stage_pipeline_holds_exactly_its_transforms(stage):
 
 
 def test_augmentation_parameters_of_dense_o2o():
-    mosaic, photometric, zoom_crop = deim_transforms(RectangleDataset(), 640, "dense_o2o", DEFAULT_CFG).transforms[:3]
+    from deim_ultra.recipe_settings import recipe_overrides
+
+    hyp = hyp_with(**recipe_overrides({"model": "deim-n.yaml"}))  # the settings a recipe's training set gets
+    mosaic, photometric, zoom_crop = deim_transforms(RectangleDataset(), 640, "dense_o2o", hyp).transforms[:3]
     assert isinstance(mosaic, DEIMMosaic) and mosaic.p == 0.5
     assert mosaic.resize.size == [320] and mosaic.resize.max_size == 640
     assert mosaic.affine.degrees == [-10.0, 10.0] and mosaic.affine.translate == (0.1, 0.1)
@@ -187,7 +190,7 @@ def test_augmentation_parameters_of_dense_o2o():
 
 
 def test_mosaic_probability_follows_deim_setting():
-    compose = deim_transforms(RectangleDataset(), 640, "dense_o2o", hyp_with(mosaic_prob=0.25))
+    compose = deim_transforms(RectangleDataset(), 640, "dense_o2o", hyp_with(mosaic=0.25))
     assert compose.transforms[0].p == 0.25
 
 

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import deim_cli, official_state
 from ultralytics.utils import SETTINGS
 
 from deim_ultra import DEIM
 from deim_ultra.nn.tasks import DEIMDetectionModel
 from deim_ultra.train import backbone_layers
+
+from helpers import deim_cli, official_state
 
 TRAIN = dict(epochs=1, imgsz=64, batch=4, workers=0, plots=False, val=False)
 WARNING = "pretrained=True: ImageNet backbone PPHGNetV2_B0_stage1.pth is not in"

@@ -100,9 +100,12 @@ def test_scale_policy_rejects_bad_policy():
 def test_multiscale_sizes():
     expected = [480, 512, 544, 576, 608] + [640] * 20 + [672, 704, 736, 768, 800]
     assert multiscale_sizes(640, 20) == expected
-    assert multiscale_sizes(320, 1) == [160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480]
+    assert multiscale_sizes(640, 20, 0.25) == expected  # the recipe's multi_scale: the authors' list
+    assert multiscale_sizes(320, 1) == [256, 288, 320, 352, 384]  # 320 * 0.25 = 80 px: two 32-px steps
+    assert multiscale_sizes(128, 2, 0.5) == [64, 96, 128, 128, 160, 192]
+    assert multiscale_sizes(64, 2, 0.9) == [32, 64, 64, 96]  # never below one 32-px stride
     assert multiscale_sizes(640, None) == [640]
-    assert multiscale_sizes(160, 3) == [160]  # 160 - 160 = 0 px: no multi-scale
+    assert multiscale_sizes(120, 3) == [120]  # 120 * 0.25 = 30 px: less than one step, no multi-scale
 
 
 def test_ema_decay():

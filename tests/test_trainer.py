@@ -19,7 +19,7 @@ SETTINGS = dict(
     workers=2,
     policy_epochs=POLICY,
     warmup_iters=1,
-    lr_gamma=LR_GAMMA,
+    lrf=LR_GAMMA,
     plots=False,
     seed=0,
 )
@@ -141,19 +141,25 @@ def test_multiscale_batches_until_the_tail(data, tmp_path):
 
     trainer = DEIMTrainer(overrides=dict(model="deim-s.yaml", data=str(data), imgsz=640, project=str(tmp_path)))
     allowed = [480, 512, 544, 576, 608] + [640] * 20 + [672, 704, 736, 768, 800]
-    assert multiscale_sizes(640, trainer.args.base_size_repeat) == allowed
+    assert trainer.args.multi_scale == 0.25  # filled by the recipe, so Ultralytics sees the range in use
+    assert multiscale_sizes(640, trainer.args.base_size_repeat, trainer.args.multi_scale) == allowed
+    image = torch.randint(0, 256, (2, 3, 640, 640), dtype=torch.uint8)
 
     def batch():
         return {
-            "img": torch.zeros(2, 3, 640, 640, dtype=torch.uint8),
+            "img": image.clone(),
             "cls": torch.zeros(0, 1),
             "bboxes": torch.zeros(0, 4),
             "batch_idx": torch.zeros(0),
         }
 
     trainer.stage = "aug"
-    sizes = [trainer.preprocess_batch(batch())["img"].shape[-1] for _ in range(60)]
+    images = [trainer.preprocess_batch(batch())["img"] for _ in range(60)]
+    sizes = [img.shape[-1] for img in images]
     assert set(sizes) <= set(allowed) and len(set(sizes)) > 1 and sizes.count(640) > len(sizes) / 3
+    for img in images:  # resized once, from the original: Ultralytics' own multi-scale does not run on top
+        once = torch.nn.functional.interpolate(image.float() / 255, size=img.shape[-2:], mode="bilinear")
+        assert torch.equal(img, once if img.shape[-1] != 640 else image.float() / 255)
     trainer.stage = "no_aug"
     assert {trainer.preprocess_batch(batch())["img"].shape[-1] for _ in range(5)} == {640}
 

@@ -209,15 +209,15 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
 
     Stages: "warmup" and "no_aug" run only sanitize, flip, resize and format; "aug" adds photometric distortion,
     zoom-out and IoU-crop; "dense_o2o" adds mosaic in front of those (batch mixup is applied to collated batches, see
-    `deim_ultra.data.mixup`). The augmentation probabilities are DEIM's (module constants), not Ultralytics' hyp
-    keys of similar names (hyp.mosaic, hyp.degrees, ...), which keep their YOLO meanings and defaults.
+    `deim_ultra.data.mixup`). The other augmentation parameters are DEIM's (module constants); Ultralytics keys
+    without a DEIM counterpart (hyp.degrees, hyp.hsv_h, ...) are refused under a recipe (see recipe_settings.py).
 
     Args:
         dataset: source of the mosaic's extra images (`get_image_and_label`, `__len__`).
         imgsz: output side; images are stretched to imgsz x imgsz (no letterbox padding), as the authors do.
         stage: one of STAGES.
         hyp: settings; reads `fliplr` (horizontal flip probability, DEIM uses 0.5), `bgr` (Format's BGR probability)
-            and, where present, deim-ultra's `mosaic_prob` (default MOSAIC_P).
+            and `mosaic` (the mosaic probability; a recipe sets DEIM's MOSAIC_P unless the user gave one).
 
     Returns:
         Compose whose output holds `img` (C, imgsz, imgsz) uint8 RGB tensor, `cls` (N, 1), `bboxes` (N, 4) normalised
@@ -225,7 +225,7 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
     """
     transforms = []
     if check_stage(stage) in MOSAIC_STAGES:
-        transforms.append(DEIMMosaic(dataset, imgsz=imgsz, p=getattr(hyp, "mosaic_prob", MOSAIC_P)))
+        transforms.append(DEIMMosaic(dataset, imgsz=imgsz, p=hyp.mosaic))
     if stage in RANDOM_AUG_STAGES:
         transforms.append(TorchvisionTransform(v2.RandomPhotometricDistort(p=PHOTOMETRIC_P)))
         transforms.append(zoom_out_iou_crop())

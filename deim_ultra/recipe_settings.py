@@ -1,0 +1,127 @@
+"""Ultralytics settings under a DEIM recipe: each one is filled with the recipe's value, mapped onto its DEIM
+counterpart, or refused with a message that names it. None is silently ignored.
+
+Mapped (the Ultralytics key keeps its meaning, DEIM's pipeline honours it):
+    mosaic        probability of DEIM's mosaic per image in the Dense O2O stage (recipe: 0.5)
+    mixup         probability of DEIM's batch mixup per batch in the Dense O2O stage (recipe: 0.5)
+    fliplr, bgr   horizontal flip and channel-swap probabilities of every stage (Ultralytics' defaults 0.5, 0.0)
+    lrf           FlatCosine's final lr fraction, reached at e2 (the authors' lr_gamma: N 1.0, S..X 0.5)
+    momentum      AdamW's beta1 (recipe: 0.9, the authors' betas (0.9, 0.999))
+    multi_scale   DEIM's multi-scale range as a fraction of imgsz (recipe: 0.25 for S..X, 0 for N), see
+                  `deim_ultra.schedule.multiscale_sizes`
+    batch         -1 or a fraction runs Ultralytics' AutoBatch; weight decay is never rescaled (nbs follows batch)
+    time          Ultralytics re-estimates epochs from the epoch time; the policy epochs are rescaled with it
+Fixed by the recipe (another value is refused): optimizer, warmup_epochs, close_mosaic, nbs (no accumulation).
+Refused unless left at Ultralytics' default: the YOLO augmentation and lr-schedule keys in UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+from ultralytics.cfg import DEFAULT_CFG_DICT
+from ultralytics.nn.tasks import yaml_model_load
+
+from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml
+from deim_ultra.data.augment import MOSAIC_P
+from deim_ultra.data.mixup import MIXUP_P
+from deim_ultra.schedule import RECIPES
+
+# What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
+FIXED = {"optimizer": "AdamW", "warmup_epochs": 0, "close_mosaic": 0}
+# The DEIM multi-scale range at which 640 gives the authors' sizes 480 ... 800.
+MULTI_SCALE = 0.25
+_AUGMENT = "DEIM's augmentation is mosaic, mixup, photometric distortion, zoom-out, IoU crop and flip"
+_SCHEDULE = "DEIM's lr is FlatCosine (set lrf, policy_epochs, warmup_iters)"
+UNSUPPORTED = {
+    **dict.fromkeys(
+        ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "cutmix"),
+        _AUGMENT,
+    ),
+    **dict.fromkeys(("copy_paste", "copy_paste_mode"), _AUGMENT),
+    **dict.fromkeys(("cos_lr", "warmup_momentum", "warmup_bias_lr"), _SCHEDULE),
+}
+
+
+def model_yaml(model: str | None) -> dict:
+    """The YAML dict of a `model` argument that names a YAML; {} for checkpoints (their recipe is in their args)."""
+    return yaml_model_load(resolve_model_yaml(model)) if str(model).endswith((".yaml", ".yml")) else {}
+
+
+def recipe_name(overrides: dict) -> str:
+    """The recipe `overrides` ask for: `recipe=auto` takes the model YAML's `recipe` key, `none` without one."""
+    name = str(overrides.get("recipe", DEIM_CFG_DICT["recipe"]))
+    if name == "auto":
+        name = str(model_yaml(overrides.get("model")).get("recipe", "none"))
+    if name != "none" and name not in RECIPES:
+        raise ValueError(f"recipe={name} is not one of {', '.join(RECIPES)}, auto or none")
+    return name
+
+
+def refuse(name: str, key: str, value, reason: str) -> None:
+    """Raise the one-line error for a setting the recipe cannot honour."""
+    raise ValueError(f"recipe={name} cannot honour {key}={value}: {reason}. Drop it, or train with recipe=none")
+
+
+def check_refused(name: str, overrides: dict) -> None:
+    """Refuse every setting of `overrides` that the recipe fixes or has no counterpart for."""
+    for key, value in overrides.items():
+        if key in FIXED and value != FIXED[key]:
+            refuse(name, key, value, f"the recipe fixes {key}={FIXED[key]}")
+        if key in UNSUPPORTED and value != DEFAULT_CFG_DICT[key]:
+            refuse(name, key, value, UNSUPPORTED[key])
+    if "nbs" in overrides and overrides["nbs"] != overrides.get("batch", RECIPES[name].batch):
+        refuse(name, "nbs", overrides["nbs"], "gradient accumulation is not supported; nbs follows batch")
+    if overrides.get("time") and overrides.get("policy_epochs"):
+        refuse(name, "time", overrides["time"], "time re-estimates epochs, which fixed policy_epochs cannot follow")
+
+
+def multi_scale_settings(name: str, overrides: dict) -> dict:
+    """`multi_scale` and `base_size_repeat` made consistent: both on, or `multi_scale=0` and no repeat."""
+    repeat = overrides.get("base_size_repeat")
+    if "multi_scale" not in overrides:
+        repeat = repeat if repeat is not None else RECIPES[name].base_size_repeat
+        return {"multi_scale": MULTI_SCALE if repeat is not None else 0.0, "base_size_repeat": repeat}
+    if overrides["multi_scale"] <= 0:
+        if repeat is not None:
+            refuse(name, "base_size_repeat", repeat, "multi_scale=0 turns multi-scale off")
+        return {"multi_scale": 0.0, "base_size_repeat": None}
+    repeat = repeat if repeat is not None else RECIPES[name].base_size_repeat
+    if repeat is None:
+        refuse(name, "multi_scale", overrides["multi_scale"], "recipe n has no multi-scale; also set base_size_repeat")
+    return {"multi_scale": overrides["multi_scale"], "base_size_repeat": repeat}
+
+
+def recipe_overrides(overrides: dict) -> dict:
+    """Return `overrides` completed with the per-size recipe's defaults for every key the user did not set.
+
+    A model without a `recipe` key (e.g. Ultralytics' rtdetr-l.yaml) and `recipe=none` keep Ultralytics' defaults.
+    The result is a fixed point (passing it through again changes nothing), as Ultralytics' DDP workers rebuild the
+    trainer from the complete settings.
+
+    Raises:
+        ValueError: Naming the key, for a setting the recipe cannot honour.
+    """
+    name = recipe_name(overrides)
+    if name == "none":
+        return {**overrides, "recipe": "none"}
+    check_refused(name, overrides)
+    r = RECIPES[name]
+    batch = overrides.get("batch", r.batch)
+    defaults = {
+        "recipe": name,
+        **FIXED,
+        "epochs": r.epochs,
+        "batch": r.batch,
+        "lr0": r.lr,
+        "backbone_lr": r.backbone_lr,
+        "weight_decay": r.weight_decay,
+        "lrf": r.lr_gamma,
+        "momentum": 0.9,
+        "mosaic": MOSAIC_P,
+        "mixup": MIXUP_P,
+        "ema_decay": r.ema_decay,
+        "ema_tau": r.ema_tau,
+        "clip_max_norm": r.clip_max_norm,
+        # One optimizer step per batch, weight decay as given; AutoBatch sizes are set in the trainer.
+        "nbs": batch if batch >= 1 else r.batch,
+    }
+    return {**defaults, **overrides, **multi_scale_settings(name, overrides)}
