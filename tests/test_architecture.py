@@ -48,7 +48,9 @@ def test_deploy_conversion_keeps_detections():
         model.fuse(verbose=False)
         after = model(images)[0]
     assert model.is_fused()
-    assert (before[..., :5] - after[..., :5]).abs().max() < 1e-4
+    # Rows are sorted by score, and tied scores may come out in either order: compare the sets of detections.
+    gap = (before[:, :, None, :] - after[:, None, :, :]).abs().amax(-1)  # (B, 300 before, 300 after)
+    assert gap.amin(2).max() < 1e-4 and gap.amin(1).max() < 1e-4
 
 
 def test_converter_is_size_generic():
