@@ -41,6 +41,7 @@ from deim_ultra.schedule import (
     scale_policy,
     stage_at,
 )
+from deim_ultra.tail_restart import BEST_STAGE1, MAP_COLUMN, load_state, restore_before, save_state
 
 
 def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
@@ -68,9 +69,16 @@ def constant_lr(_: int) -> float:
 
 
 def on_train_epoch_start(trainer: DEIMTrainer) -> None:
-    """Switch the data pipeline when the epoch enters a new stage, and restart the epoch's iteration count."""
+    """Restart from the best pre-tail state where the tail asks for it, switch the data pipeline when the epoch
+    enters a new stage, and restart the epoch's iteration count."""
     trainer.batch_in_epoch = 0
+    trainer.restart_tail()
     trainer.apply_stage()
+
+
+def on_fit_epoch_end(trainer: DEIMTrainer) -> None:
+    """Keep the state of the best validated epoch before the no-aug tail."""
+    trainer.keep_best_stage1()
 
 
 def on_train_batch_start(trainer: DEIMTrainer) -> None:
@@ -104,6 +112,7 @@ class DEIMTrainer(RTDETRTrainer):
             for event, callback in (
                 ("on_train_epoch_start", on_train_epoch_start),
                 ("on_train_batch_start", on_train_batch_start),
+                ("on_fit_epoch_end", on_fit_epoch_end),
             ):
                 if callback not in self.callbacks[event]:
                     self.add_callback(event, callback)
@@ -246,6 +255,37 @@ class DEIMTrainer(RTDETRTrainer):
         self.train_loader.dataset.set_stage(stage)
         self.train_loader.reset()  # workers hold copies of the dataset: restart them with the new pipeline
         LOGGER.info(f"{colorstr('DEIM schedule:')} epoch {self.epoch + 1} enters stage '{stage}'")
+
+    def epoch_maps(self) -> list[float]:
+        """Val mAP50-95 of every finished epoch, from results.csv (so a resumed run sees the epochs before it)."""
+        return [float(v) for v in self.read_results_csv().get(MAP_COLUMN, [])]
+
+    def keep_best_stage1(self) -> None:
+        """Before the tail, save the full state of an epoch whose val mAP50-95 beats every earlier one."""
+        if not self.args.val or self.epoch >= self.policy[2]:
+            return
+        maps = self.epoch_maps()
+        if maps and maps[-1] > max(maps[:-1], default=float("-inf")):
+            save_state(self, self.wdir / BEST_STAGE1)
+
+    def restart_tail(self) -> None:
+        """Load the best pre-tail state at the start of the tail and after a tail epoch that did not improve."""
+        if self.epoch < self.policy[2]:
+            return
+        path = self.wdir / BEST_STAGE1
+        if not self.args.val or not path.is_file():
+            if self.epoch == self.policy[2]:
+                LOGGER.warning(
+                    f"DEIM schedule: the no-aug tail continues from the last epoch, not from the best one before it, "
+                    f"because {'val=False validates no epoch' if not self.args.val else f'{path} is missing'}"
+                )
+            return
+        if restore_before(self.epoch, self.epoch_maps(), self.policy[2]):
+            best = load_state(self, path)
+            LOGGER.info(
+                f"{colorstr('DEIM schedule:')} epoch {self.epoch + 1} restarts from the state after epoch {best + 1}, "
+                f"the best val mAP50-95 before the no-aug tail"
+            )
 
     def apply_lr(self) -> None:
         """FlatCosine: set every parameter group's lr for the current iteration."""

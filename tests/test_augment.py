@@ -43,7 +43,7 @@ COLOURS = np.array(
 BACKGROUND = 128
 COLOUR_TOL = 40  # max per-channel distance of a pixel "of colour k"; blended edge pixels fall outside it
 
-BASE = ["SanitizeBoundingBoxes", "RandomFlip", "LetterBox", "Format"]
+BASE = ["SanitizeBoundingBoxes", "RandomFlip", "Resize", "SanitizeBoundingBoxes", "Format"]
 AUG = ["RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop", *BASE]
 EXPECTED_KINDS = {"warmup": BASE, "dense_o2o": ["DEIMMosaic", *AUG], "aug": AUG, "no_aug": BASE}
 
@@ -167,10 +167,12 @@ def test_stage_pipeline_holds_exactly_its_transforms(stage):
     assert transform_kinds(compose) == EXPECTED_KINDS[stage]
     by_kind = {type(t).__name__: t for t in compose.transforms}
     assert by_kind["RandomFlip"].direction == "horizontal" and by_kind["RandomFlip"].p == 0.5
-    assert by_kind["LetterBox"].scale_fill and by_kind["LetterBox"].new_shape == (640, 640)
     assert by_kind["Format"].bbox_format == "xywh" and by_kind["Format"].normalize
     sanitize = compose.transforms[-4].transform
     assert isinstance(sanitize, v2.SanitizeBoundingBoxes) and sanitize.min_size == 1
+    resize, sanitize_again = compose.transforms[-2].transform.transforms
+    assert resize.size == [640, 640] and resize.antialias and resize.interpolation == v2.InterpolationMode.BILINEAR
+    assert isinstance(sanitize_again, v2.SanitizeBoundingBoxes) and sanitize_again.min_size == 1
 
 
 def test_augmentation_parameters_of_dense_o2o():
@@ -409,3 +411,22 @@ def test_mixup_is_reproducible_with_a_generator():
     a = batch_mixup(collated_batch(torch.float32), torch.Generator().manual_seed(7), p=1.0)
     b = batch_mixup(collated_batch(torch.float32), torch.Generator().manual_seed(7), p=1.0)
     assert a["mixup"] == b["mixup"] and torch.equal(a["img"], b["img"])
+
+
+def test_final_resize_antialiases_a_4x_shrink():
+    """Stripes 3 px black / 3 px white shrunk 512 -> 128 blur towards grey (std 19 of 255); cv2's INTER_LINEAR, which
+    samples 2 of every 4 columns, turns them into full-contrast false stripes (std 104)."""
+    labels = rectangle_labels((512, 512), [(100, 100, 300, 300)], [0])
+    stripes = np.tile(((np.arange(512) % 6) < 3) * 255, (512, 1)).astype(np.uint8)
+    labels["img"] = np.ascontiguousarray(np.repeat(stripes[..., None], 3, axis=2))
+    out = deim_transforms(RectangleDataset(), 128, "warmup", hyp_with(fliplr=0.0))(labels)["img"].float()
+    assert out.shape == (3, 128, 128)
+    assert abs(out.mean().item() - 127.5) < 2 and out.std().item() < 30
+
+
+def test_boxes_thinner_than_a_pixel_after_the_resize_are_dropped():
+    """A 3-px wide box of a 512 px image is 0.75 px wide at 128: dropped with its class; a 40-px box stays."""
+    labels = rectangle_labels((512, 512), [(10, 10, 13, 200), (300, 300, 340, 340)], [1, 2])
+    out = deim_transforms(RectangleDataset(), 128, "warmup", hyp_with(fliplr=0.0))(labels)
+    assert out["cls"].flatten().tolist() == [2.0]
+    assert torch.allclose(out["bboxes"], torch.tensor([[320 / 512, 320 / 512, 40 / 512, 40 / 512]]), atol=1e-6)

@@ -163,3 +163,20 @@ def test_param_groups_match_official_regexes_deim_n(parity_fixture):
     # and num_points_scale buffers): 186 backbone (BN and LAB included), 151 encoder/decoder norms and biases, 94
     # others, of which 4 are the frozen up/reg_scale; our model adds the denoising embedding.
     assert counts == {"backbone": 186, "no_decay": 151, "default": 94 - 4 + 1}
+
+
+def test_tail_restart_rule():
+    from deim_ultra.tail_restart import restore_before
+
+    # The authors' seed-0 curve (reference CSV): best pre-tail epoch 29 (0.6196), tail from epoch index 30.
+    authors = [0.55, 0.6196, 0.5583, 0.7164, 0.7569]
+    assert restore_before(2, authors, 2)  # the tail always starts from the best pre-tail state
+    assert not restore_before(3, authors, 2)  # 0.7164 beat 0.6196: continue
+    stalls = [0.3, 0.5, 0.4, 0.45, 0.6, 0.5]
+    assert not restore_before(1, stalls, 2)  # before the tail: never
+    assert restore_before(3, stalls, 2)  # 0.4 <= 0.5: restart
+    assert not restore_before(4, stalls, 2)  # after a restart the next epoch is the new reference, whatever it is
+    assert not restore_before(5, stalls, 2)  # 0.6 > 0.45
+    assert restore_before(6, stalls, 2)  # 0.5 <= 0.6
+    assert restore_before(3, [0.5, 0.5, 0.5], 2)  # a tie does not improve
+    assert not restore_before(3, [0.5, 0.5, 0.5], 0)  # no pre-tail stage: nothing to restart from

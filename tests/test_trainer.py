@@ -2,6 +2,7 @@
 
 import csv
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -25,6 +26,15 @@ SETTINGS = dict(
 )
 
 
+class Run(NamedTuple):
+    """What the fixture run records: stage per epoch, results.csv rows, EMA at each tail epoch's start, weights dir."""
+
+    stages: list
+    rows: list
+    tail_states: dict
+    weights: Path
+
+
 class Interrupt(Exception):
     """Stops a run from a callback, as a crash or Ctrl-C would."""
 
@@ -44,22 +54,33 @@ def data(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("shapes16"), n_train=16, n_val=4, imgsz=128, seed=0)
 
 
+def record_tail_starts(model: DEIM, states: dict) -> None:
+    """Keep the EMA weights each tail epoch starts training from (first batch, after any restart)."""
+
+    def record(trainer) -> None:
+        if trainer.epoch >= POLICY[2] and trainer.batch_in_epoch == 0:
+            states[trainer.epoch] = {k: v.clone() for k, v in trainer.ema.ema.state_dict().items()}
+
+    model.add_callback("on_train_batch_start", record)
+
+
 @pytest.fixture(scope="module")
 def full_run(data, tmp_path_factory):
     project = tmp_path_factory.mktemp("full")
-    model, stages = DEIM("deim-n.yaml"), []
+    model, stages, tail_states = DEIM("deim-n.yaml"), [], {}
     record_stages(model, stages)
+    record_tail_starts(model, tail_states)
     model.train(data=str(data), project=str(project), name="run", **SETTINGS)
-    return stages, results(project / "run")
+    return Run(stages, results(project / "run"), tail_states, project / "run" / "weights")
 
 
 def test_stage_per_epoch(full_run):
-    stages, _ = full_run
+    stages = full_run.stages
     assert stages == STAGES
 
 
 def test_dense_o2o_batches_carry_more_boxes(full_run):
-    _, rows = full_run
+    rows = full_run.rows
     per_stage = {s: [r["train/pos_per_img"] for r, st in zip(rows, STAGES) if st == s] for s in set(STAGES)}
     mean = {s: sum(v) / len(v) for s, v in per_stage.items()}
     assert mean["dense_o2o"] > 1.5 * mean["warmup"]  # mosaic (4 images) and mixup (2) in the workers' batches
@@ -67,7 +88,7 @@ def test_dense_o2o_batches_carry_more_boxes(full_run):
 
 
 def test_lr_is_flat_then_cosine_then_constant(full_run):
-    _, rows = full_run
+    rows = full_run.rows
     lr = [r["lr/pg2"] for r in rows]  # encoder/decoder weights at lr0; recorded at each epoch's last iteration
     assert lr[:4] == pytest.approx([LR0] * 4)  # warmup of 1 iteration, then flat until e1
     assert LR0 > lr[4] > lr[5] > LR0 * LR_GAMMA  # cosine between e1 and e2
@@ -92,7 +113,7 @@ def test_resume_mid_dense_o2o(full_run, data, tmp_path):
     record_stages(resumed, resumed_stages)
     resumed.train(resume=True)
     assert stages + resumed_stages == STAGES  # epoch 4 (index 3) resumes inside Dense O2O
-    _, full = full_run
+    full = full_run.rows
     rows = results(tmp_path / "run")
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     for key in ("lr/pg0", "lr/pg1", "lr/pg2"):
@@ -183,3 +204,20 @@ def test_rtdetr_checkpoint_fine_tunes_with_the_deim_loss(data, tmp_path):
     same = [k for k in source if k in target and source[k].shape == target[k].shape]
     assert len(same) > 0.95 * len(source)
     assert all(torch.equal(source[k].float(), target[k].float()) for k in same)
+
+
+def test_tail_restarts_from_the_best_epoch_before_it(full_run):
+    """The tail's first epoch starts from the best pre-tail epoch's state; the next one only if the first did not
+    beat it (the authors' rule, `restore_before`)."""
+    import torch
+
+    from deim_ultra.tail_restart import restore_before
+
+    rows = full_run.rows
+    maps = [r["metrics/mAP50-95(B)"] for r in rows]
+    saved = torch.load(full_run.weights / "best_stage1.pt", weights_only=True)
+    assert saved["epoch"] == maps[: POLICY[2]].index(max(maps[: POLICY[2]]))  # the first epoch with the best mAP
+    states = full_run.tail_states
+    same = [all(torch.equal(states[e][k], v) for k, v in saved["ema"].items()) for e in (6, 7)]
+    assert same[0]
+    assert same[1] == restore_before(7, maps, POLICY[2])

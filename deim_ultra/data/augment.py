@@ -7,7 +7,8 @@ work is done by torchvision.transforms.v2; `TorchvisionTransform` converts the d
 pixel XYXY `BoundingBoxes`, class labels) and back, so boxes and their classes always travel together.
 
 Order (the authors' DEIM recipe): Mosaic -> RandomPhotometricDistort -> RandomZoomOut + RandomIoUCrop ->
-SanitizeBoundingBoxes -> horizontal flip -> stretch resize -> Format (normalised cxcywh). A sample that Mosaic changed
+SanitizeBoundingBoxes -> horizontal flip -> antialiased stretch resize -> SanitizeBoundingBoxes -> Format (normalised
+cxcywh). A sample that Mosaic changed
 skips zoom-out and IoU-crop: Mosaic marks it under MOSAIC_FLAG and the zoom-out/IoU-crop transform consumes the mark.
 Batch mixup works on collated batches and lives in `deim_ultra.data.mixup`.
 """
@@ -22,7 +23,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from ultralytics.data.augment import BaseMixTransform, BaseTransform, Compose, Format, LetterBox, RandomFlip
+from ultralytics.data.augment import BaseMixTransform, BaseTransform, Compose, Format, RandomFlip
 from ultralytics.utils import IterableSimpleNamespace
 from ultralytics.utils.instance import Instances
 
@@ -204,6 +205,17 @@ def zoom_out_iou_crop() -> TorchvisionTransform:
     return TorchvisionTransform(v2.Compose([zoom, v2.RandomApply([v2.RandomIoUCrop()], p=IOU_CROP_P)]), True)
 
 
+def stretch_resize(imgsz: int) -> TorchvisionTransform:
+    """Resize to imgsz x imgsz (stretch, no padding) with antialiasing, then drop boxes under MIN_BOX_SIZE again.
+
+    As the authors' final PIL resize does: zoom-out and mosaic canvases shrink 2-4x here, and a resize without
+    antialiasing (cv2's INTER_LINEAR, Ultralytics' LetterBox) aliases the small objects such shrinking makes. Boxes
+    that the shrinking makes thinner than a pixel are dropped, as their second SanitizeBoundingBoxes does.
+    """
+    resize = v2.Resize((imgsz, imgsz), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return TorchvisionTransform(v2.Compose([resize, v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIZE)]))
+
+
 def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespace) -> Compose:
     """The training pipeline of one data stage, from a dataset's labels dict to Format's tensors.
 
@@ -232,7 +244,7 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
     transforms += [
         TorchvisionTransform(v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIZE)),
         RandomFlip(direction="horizontal", p=hyp.fliplr),
-        LetterBox(new_shape=(imgsz, imgsz), scale_fill=True),  # scale_fill: stretch, no padding
+        stretch_resize(imgsz),
         Format(bbox_format="xywh", normalize=True, batch_idx=True, bgr=hyp.bgr),
     ]
     return Compose(transforms)

@@ -84,6 +84,17 @@ def global_counts(counts: list[int], device: torch.device) -> list[float]:
     return t.clamp(min=1).tolist()
 
 
+def as_float32(tree):
+    """`tree` (nested dicts, lists and tuples of tensors and plain values) with every floating tensor in float32."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: as_float32(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(as_float32(v) for v in tree)
+    return tree
+
+
 class DEIMCriterion(nn.Module):
     """DEIM loss (MAL, L1, GIoU, FGL, DDF) over every decoder output, reproducing the official criterion's terms.
 
@@ -138,6 +149,15 @@ class DEIMCriterion(nn.Module):
         self._warned: set[str] = set()
 
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """All weighted loss terms (see `weighted_terms`), computed in float32 whatever the autocast state.
+
+        As in the authors' trainer, which runs the criterion with autocast disabled: in half precision the matcher's
+        focal cost rounds its 1e-8 guard to 0 and saturates to +-inf, and the losses lose their small terms.
+        """
+        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+            return self.weighted_terms(as_float32(outputs), targets)
+
+    def weighted_terms(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Compute all weighted loss terms.
 
         Args:

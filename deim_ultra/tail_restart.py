@@ -1,0 +1,71 @@
+"""The no-aug tail restarts from the best state of the stages before it, as the authors' solver does.
+
+The authors' trainer keeps the full training state (model, EMA, optimizer) of the epoch with the best val mAP50-95
+before the tail, reloads it when the tail starts, and reloads it again after every tail epoch that does not improve
+on the best mAP so far; after such a reload the next epoch is not compared (it becomes the new reference). Their code
+also lowers the EMA decay at each reload, but their EMA's decay function captured the initial value, so that change
+has no effect and is not reproduced.
+
+The decision is a pure function of the per-epoch mAPs (`restore_before`), which the trainer reads back from
+results.csv, so a resumed run makes the same decisions; the state itself is kept at full precision in
+`weights/best_stage1.pt` (Ultralytics' own checkpoints keep only a half-precision EMA).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ultralytics.utils.torch_utils import unwrap_model
+
+BEST_STAGE1 = "best_stage1.pt"
+MAP_COLUMN = "metrics/mAP50-95(B)"
+
+
+def restore_before(epoch: int, maps: Sequence[float], tail_start: int) -> bool:
+    """Whether training restarts from the best pre-tail state before 0-based `epoch`.
+
+    Args:
+        epoch (int): The epoch about to start.
+        maps (Sequence[float]): Val mAP50-95 after each epoch 0 .. epoch - 1, in order.
+        tail_start (int): First epoch of the no-aug tail (`e2`).
+
+    Returns:
+        (bool): True at `tail_start`, and at a later tail epoch when the previous one did not beat (strictly) the
+            reference: the best pre-tail mAP, then the last epoch that beat it or followed a restart.
+    """
+    if epoch < tail_start or tail_start == 0:
+        return False
+    if epoch == tail_start:
+        return True
+    reference, restore = max(maps[:tail_start]), False
+    for value in maps[tail_start:epoch]:
+        restore = reference is not None and value <= reference
+        reference = None if restore else value
+    return restore
+
+
+def save_state(trainer, path: Path) -> None:
+    """Write the trainer's model, EMA (with its update count) and optimizer state to `path`, atomically."""
+    state = {
+        "model": unwrap_model(trainer.model).state_dict(),
+        "ema": trainer.ema.ema.state_dict(),
+        "updates": trainer.ema.updates,
+        "optimizer": trainer.optimizer.state_dict(),
+        "epoch": trainer.epoch,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(trainer, path: Path) -> int:
+    """Load a `save_state` file into the trainer's model, EMA and optimizer; return the epoch it was saved after."""
+    state = torch.load(path, map_location=trainer.device, weights_only=True)
+    unwrap_model(trainer.model).load_state_dict(state["model"])
+    trainer.ema.ema.load_state_dict(state["ema"])
+    trainer.ema.updates = state["updates"]
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"]
