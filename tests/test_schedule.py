@@ -168,10 +168,10 @@ def test_param_groups_match_official_regexes_deim_n(parity_fixture):
 def test_tail_restart_rule():
     from deim_ultra.tail_restart import restore_before
 
-    # The authors' seed-0 curve (reference CSV): best pre-tail epoch 29 (0.6196), tail from epoch index 30.
-    authors = [0.55, 0.6196, 0.5583, 0.7164, 0.7569]
-    assert restore_before(2, authors, 2)  # the tail always starts from the best pre-tail state
-    assert not restore_before(3, authors, 2)  # 0.7164 beat 0.6196: continue
+    # The end of the authors' seed-0 curve (reference CSV, epochs 28-32): best pre-tail 0.6196, tail 0.7164, 0.7569.
+    authors = [0.5555, 0.6196, 0.5583, 0.7164, 0.7569]
+    assert restore_before(3, authors, 3)  # the tail always starts from the best pre-tail state
+    assert not restore_before(4, authors, 3)  # 0.7164 beat 0.6196: continue
     stalls = [0.3, 0.5, 0.4, 0.45, 0.6, 0.5]
     assert not restore_before(1, stalls, 2)  # before the tail: never
     assert restore_before(3, stalls, 2)  # 0.4 <= 0.5: restart
