@@ -1,17 +1,29 @@
-"""Convergence of the DEIM recipe against the plain RT-DETR recipe, same model, same epochs, mAP after every epoch.
+"""The paper's ablation, side by side in one run: val mAP after every epoch, same model, data, epochs and batch.
 
-(a) DEIM: MAL, Dense O2O stages (mosaic + batch mixup window, no-aug tail), FlatCosine, AdamW groups (`recipe=<size>`);
-(b) baseline: VFL with Ultralytics' own RT-DETR training (its augmentation, optimizer and lr schedule; `recipe=none`).
-Each run validates on the held-out split after every epoch; the script writes `convergence.csv` (epoch, recipe,
-mAP50-95, mAP50) and `convergence.png` (mAP vs epoch, both recipes) in --out.
+Rows (select with --rows; seeds with --seeds):
+    a  DEIM: MAL + Dense O2O (mosaic + batch mixup window) + FlatCosine, the model YAML's recipe
+    b  D-FINE, the paper's baseline: VFL, no mosaic / mixup, the same photometric / zoom-out / IoU-crop stage and
+       no-aug tail, constant lr after warmup (same model: the authors' D-FINE-N has a ReLU decoder)
+    c  DEIM without MAL: Dense O2O + VFL
+    d  DEIM without Dense O2O: MAL + D-FINE's augmentation
+    e  Ultralytics' RT-DETR recipe (its augmentation, optimizer and lr schedule) with VFL
+    f  Ultralytics YOLO26n from its YAML with Ultralytics' defaults (what a YOLO user compares against)
 
-    python benchmarks/convergence.py --quick                      # generated dense scenes, CPU, < 30 min
-    python benchmarks/convergence.py --data deepforest.yaml --epochs 120 --imgsz 640 --device 0   # GPU
+Writes in --out: `convergence.csv` (row, seed, epoch, mAP50-95, mAP50, seconds per training iteration) and
+`convergence.png` (mean per epoch with a min-max band over seeds), and prints final mAP per row, seconds per
+iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE baseline's mean final mAP.
+
+    python benchmarks/convergence.py --quick                      # all rows, seeds 0 1 for a, b, f: CPU, ~60 min
+    python benchmarks/convergence.py --quick --rows a f --seeds 0   # a subset
+    python benchmarks/convergence.py --data deepforest.yaml --epochs 120 --imgsz 640 --batch 16 --device 0
 """
+
+from __future__ import annotations
 
 import argparse
 import csv
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -21,57 +33,140 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from ultralytics import YOLO  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
 from deim_ultra.data.synthetic import make_synthetic_dataset  # noqa: E402
+from deim_ultra.schedule import RECIPES, scale_policy  # noqa: E402
 
-RECIPES = {"DEIM": dict(cls_loss="mal"), "RT-DETR baseline": dict(recipe="none", cls_loss="vfl")}
+ROWS = {
+    "a": "DEIM",
+    "b": "D-FINE baseline",
+    "c": "DEIM w/o MAL",
+    "d": "DEIM w/o Dense O2O",
+    "e": "Ultralytics RT-DETR recipe",
+    "f": "YOLO26n",
+}
+SEEDED_ROWS = ("a", "b", "f")  # rows run for every --seeds value; the others for the first seed only
+NO_DENSE_O2O = dict(mosaic=0.0, mixup=0.0)
 # Dense scenes: 200 images of 128 px with 6-12 objects each (14-36 px), so a from-scratch DEIM-N learns it on a
-# 2-core CPU within the --quick budget; batch 4 gives the optimizer enough steps per epoch.
+# 2-core CPU; batch 4 gives the optimizer enough steps per epoch. ../shared/reference holds the authors' runs on it.
 QUICK_DATA = dict(
     n_train=160, n_val=40, imgsz=128, min_objects=6, max_objects=12, nc=3, min_size=14, max_size=36, seed=0
 )
 QUICK_RUN = dict(epochs=32, batch=4)
 
 
-def train(recipe: str, args, data: str) -> list[dict]:
-    """Train one recipe; return its per-epoch validation metrics."""
-    model = DEIM(args.model)
+def row_settings(row: str, epochs: int) -> dict:
+    """DEIM settings of an ablation row (rows a-e), on top of the model YAML's recipe."""
+    n = RECIPES["n"]
+    e0, _, e2 = scale_policy(n.policy_epochs, n.epochs, epochs)
+    dfine = dict(policy_epochs=[e0, e0, e2], lrf=1.0, **NO_DENSE_O2O)  # augment from e0 to the tail, flat lr
+    return {
+        "a": {},
+        "b": dict(cls_loss="vfl", **dfine),
+        "c": dict(cls_loss="vfl"),
+        "d": dfine,
+        "e": dict(recipe="none", cls_loss="vfl"),
+    }[row]
+
+
+class IterationClock:
+    """Callbacks timing the training part of each epoch (validation excluded), per iteration."""
+
+    def __init__(self) -> None:
+        self.seconds, self.iterations, self.start = 0.0, 0, 0.0
+
+    def epoch_start(self, trainer) -> None:
+        self.start = time.perf_counter()
+
+    def epoch_end(self, trainer) -> None:
+        self.seconds += time.perf_counter() - self.start
+        self.iterations += len(trainer.train_loader)
+
+    @property
+    def per_iteration(self) -> float:
+        return self.seconds / max(self.iterations, 1)
+
+
+def train(row: str, seed: int, args, data: str) -> list[dict]:
+    """Train one row with one seed; return its per-epoch validation metrics."""
+    model = YOLO("yolo26n.yaml") if row == "f" else DEIM(args.model)
+    clock = IterationClock()
+    model.add_callback("on_train_epoch_start", clock.epoch_start)
+    model.add_callback("on_train_epoch_end", clock.epoch_end)
     settings = dict(
-        data=data,
-        epochs=args.epochs,
-        imgsz=args.imgsz,
-        batch=args.batch,
-        device=args.device,
-        workers=args.workers,
-        project=str(args.out),
-        name=recipe.split()[0].lower(),
-        exist_ok=True,
-        plots=False,
-        seed=0,
-        **RECIPES[recipe],
-    )
-    start = time.time()
+        data=data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.workers,
+        project=str(args.out), name=f"{row}_seed{seed}", exist_ok=True, plots=False, seed=seed,
+    )  # fmt: skip
+    if row != "f":
+        settings.update(row_settings(row, args.epochs))
     model.train(**settings)
-    minutes = (time.time() - start) / 60
     with open(Path(model.trainer.save_dir) / "results.csv") as f:
-        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-    print(f"{recipe}: {minutes:.1f} min")
+        results = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+    print(f"{ROWS[row]} seed {seed}: {clock.per_iteration:.3f} s/iteration")
     return [
         dict(
-            recipe=recipe,
+            row=row,
+            seed=seed,
             epoch=int(r["epoch"]),
             map=float(r["metrics/mAP50-95(B)"]),
             map50=float(r["metrics/mAP50(B)"]),
-            minutes=round(minutes, 2),
+            s_per_iter=round(clock.per_iteration, 4),
         )
-        for r in rows
+        for r in results
     ]
+
+
+def by_row(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
+    """row -> epoch -> mAP50-95 of every seed."""
+    table: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        table.setdefault(r["row"], {}).setdefault(r["epoch"], []).append(r["map"])
+    return table
+
+
+def summarise(rows: list[dict]) -> None:
+    """Print final mAP (mean and range over seeds), seconds per iteration, and DEIM's epochs to the baseline's final."""
+    table = by_row(rows)
+    for row, epochs in table.items():
+        final = epochs[max(epochs)]
+        speed = statistics.mean(r["s_per_iter"] for r in rows if r["row"] == row)
+        print(
+            f"{ROWS[row]:28s} final mAP50-95 mean {statistics.mean(final):.3f} (range {min(final):.3f}-"
+            f"{max(final):.3f}, {len(final)} seed(s)), {speed:.3f} s/iteration"
+        )
+    if "a" in table and "b" in table:
+        target = statistics.mean(table["b"][max(table["b"])])
+        reached = next((e for e in sorted(table["a"]) if statistics.mean(table["a"][e]) >= target), None)
+        print(
+            f"DEIM's mean mAP reaches the D-FINE baseline's final {target:.3f} at epoch {reached} of {max(table['a'])}"
+        )
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """Mean mAP50-95 per epoch of each row, with a band from the lowest to the highest seed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, epochs in by_row(rows).items():
+        x = sorted(epochs)
+        mean = [statistics.mean(epochs[e]) for e in x]
+        (line,) = ax.plot(x, mean, marker="o", ms=2, label=f"({row}) {ROWS[row]}")
+        if any(len(epochs[e]) > 1 for e in x):
+            ax.fill_between(
+                x, [min(epochs[e]) for e in x], [max(epochs[e]) for e in x], color=line.get_color(), alpha=0.2
+            )
+    ax.set(xlabel="epoch", ylabel="val mAP50-95", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="generated dense-scene dataset, CPU-sized run")
+    parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=sorted(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--data", default="deepforest.yaml")
     parser.add_argument("--model", default="deim-n.yaml")
     parser.add_argument("--epochs", type=int, default=None)
@@ -80,7 +175,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
-    parser.add_argument("--from-csv", type=Path, help="only redraw the plot from an earlier convergence.csv")
+    parser.add_argument("--from-csv", type=Path, help="only summarise and redraw from an earlier convergence.csv")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -94,34 +189,24 @@ def main() -> None:
     if args.from_csv:
         with open(args.from_csv) as f:
             rows = [
-                dict(r, epoch=int(r["epoch"]), map=float(r["map"]), map50=float(r["map50"])) for r in csv.DictReader(f)
-            ]
+                dict(r, seed=int(r["seed"]), epoch=int(r["epoch"]), map=float(r["map"]), map50=float(r["map50"]),
+                     s_per_iter=float(r["s_per_iter"]))
+                for r in csv.DictReader(f)
+            ]  # fmt: skip
     else:
-        rows = [row for recipe in RECIPES for row in train(recipe, args, data)]
-        with open(args.out / "convergence.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    plot(rows, f"{args.model}, {'dense shapes' if args.quick else args.data}", args.out / "convergence.png")
-    for recipe in RECIPES:
-        best = max((r for r in rows if r["recipe"] == recipe), key=lambda r: r["map"])
-        print(f"{recipe}: best mAP50-95 {best['map']:.3f} (mAP50 {best['map50']:.3f}) at epoch {best['epoch']}")
+        runs = [(row, seed) for seed in args.seeds for row in args.rows if row in SEEDED_ROWS or seed == args.seeds[0]]
+        rows = []
+        for row, seed in runs:
+            rows += train(row, seed, args, data)
+            with open(
+                args.out / "convergence.csv", "w", newline=""
+            ) as f:  # rewritten after each run: partial results survive
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+    summarise(rows)
+    plot(rows, f"{args.model} / yolo26n, {'dense shapes' if args.quick else args.data}", args.out / "convergence.png")
     print(f"wrote {args.out / 'convergence.png'}" + ("" if args.from_csv else f" and {args.out / 'convergence.csv'}"))
-
-
-def plot(rows: list[dict], title: str, path: Path) -> None:
-    """mAP50-95 (solid) and mAP50 (dashed) against epoch, one colour per recipe."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for recipe, colour in zip(RECIPES, ("tab:blue", "tab:orange")):
-        mine = [r for r in rows if r["recipe"] == recipe]
-        epochs = [r["epoch"] for r in mine]
-        ax.plot(epochs, [r["map"] for r in mine], color=colour, marker="o", ms=3, label=f"{recipe} mAP50-95")
-        ax.plot(epochs, [r["map50"] for r in mine], color=colour, ls="--", label=f"{recipe} mAP50")
-    ax.set(xlabel="epoch", ylabel="val mAP", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

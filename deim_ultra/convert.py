@@ -15,10 +15,8 @@ from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML
 
 from deim_ultra.model import DEIM
-from deim_ultra.nn.decoder import DFINEDecoder
-from deim_ultra.nn.encoder import HybridEncoder
-from deim_ultra.nn.hgnetv2 import HGStage, HGStem
 from deim_ultra.nn.tasks import DEIMDetectionModel
+from deim_ultra.official_names import official_prefixes, rename_official_key
 from deim_ultra.weights import listing, read_checkpoint
 
 # Present only when a checkpoint was saved with denoising on; the model initialises it itself otherwise.
@@ -43,29 +41,6 @@ def load_official_state_dict(src: str | Path | dict) -> dict[str, torch.Tensor]:
     if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise ValueError(f"'{src}' holds neither 'model' nor 'ema' weights nor a state dict; keys: {list(ckpt)[:8]}")
     return ckpt
-
-
-def official_prefixes(model: DEIMDetectionModel) -> dict[str, str]:
-    """Map each official key prefix to the prefix of the layer of `model` that holds those weights."""
-    prefixes = {}
-    stages = 0
-    for m in model.model:
-        if isinstance(m, HGStem):
-            prefixes["backbone.stem."] = f"model.{m.i}."
-        elif isinstance(m, HGStage):
-            prefixes[f"backbone.stages.{stages}."] = f"model.{m.i}."
-            stages += 1
-        elif isinstance(m, HybridEncoder):
-            prefixes["encoder."] = f"model.{m.i}."
-        elif isinstance(m, DFINEDecoder):
-            prefixes["decoder."] = f"model.{m.i}."
-    return prefixes
-
-
-def rename_official_key(key: str, prefixes: dict[str, str]) -> str | None:
-    """Our name for official `key`, or None when no official prefix matches it."""
-    prefix = next((p for p in prefixes if key.startswith(p)), None)
-    return None if prefix is None else prefixes[prefix] + key[len(prefix) :]
 
 
 def map_official_keys(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> tuple[dict, list[str]]:

@@ -1,19 +1,22 @@
-"""AdamW parameter groups following the authors' DEIM-N rules, decided by module type and parameter name.
+"""AdamW parameter groups: the authors' per-size rules for DEIM models, a module-type rule for other models.
 
-The official config selects groups with regexes on parameter names, `^(?=.*backbone)(?!.*norm|bn).*$` (backbone
-lr), `^(?=.*backbone)(?=.*norm|bn).*$` (backbone lr, no decay) and `^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias))
-.*$` (no decay). Alternation binds loosest, so the lookaheads read `(?!.*norm)|bn` rather than "neither norm nor
-bn": on the official names, whose backbone BatchNorms are called `bn`, the first regex takes every backbone
-parameter and the second none. Reproduced here, the official training therefore decays all backbone parameters,
-BatchNorm and LAB (`lab.scale`, `lab.bias`) included, at the backbone lr; outside the backbone, norm-layer
-parameters and every bias (`bias`, `in_proj_bias`) are not decayed. The S/M/L/X configs differ slightly (S: backbone
-BatchNorm at the base lr without decay, encoder/decoder biases decayed; M/L/X: encoder/decoder biases decayed);
-these functions apply the N partition to every size.
+The official configs select groups with regexes on the official parameter names (`deim_hgnetv2_<size>_coco.yml`);
+a parameter joins the group whose regex finds a match, and parameters no regex matches form the default group (base
+lr, weight decay). `official_param_groups` applies them to a DEIM model through its official names. Two quirks are
+reproduced, not corrected: in N's (and L/X's) first regex, `^(?=.*backbone)(?!.*norm|bn).*$`, alternation binds
+loosest, so the lookahead reads `(?!.*norm)|bn` and the group takes every backbone parameter, BatchNorm and LAB
+included (the backbone's norms are named `bn`): N's second group, meant for backbone norms, stays empty. S and M put
+every norm, backbone BatchNorm included, at the base lr without decay and decay the encoder/decoder biases; L and X
+decay the biases too.
+
+Ultralytics' RT-DETR models have no official names; `param_groups` splits them by module type with N's partition:
+their backbone layers at the backbone lr, norms and biases elsewhere without decay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -67,15 +70,63 @@ def param_groups(
     return [g for g in groups.values() if g["params"]]
 
 
-def build_adamw(
+# Per recipe: (regex on the official name, at the backbone lr, decayed), in the configs' order.
+_N_GROUPS = (
+    (r"^(?=.*backbone)(?!.*norm|bn).*$", True, True),
+    (r"^(?=.*backbone)(?=.*norm|bn).*$", True, False),
+    (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", False, False),
+)
+_SM_GROUPS = ((r"^(?=.*backbone)(?!.*bn).*$", True, True), (r"^(?=.*(?:norm|bn)).*$", False, False))
+_LX_GROUPS = (
+    (r"^(?=.*backbone)(?!.*norm|bn).*$", True, True),
+    (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", False, False),
+)
+OFFICIAL_GROUPS = {"n": _N_GROUPS, "s": _SM_GROUPS, "m": _SM_GROUPS, "l": _LX_GROUPS, "x": _LX_GROUPS}
+
+
+def official_param_groups(
     model: nn.Module,
+    official_name: Callable[[str], str],
+    recipe: str,
     lr: float,
     backbone_lr: float,
     weight_decay: float,
-    backbone: Iterable[nn.Module],
-    betas: tuple[float, float] = (0.9, 0.999),
+) -> list[dict]:
+    """Split the trainable parameters of a DEIM model into the AdamW groups of the authors' `recipe` config.
+
+    Args:
+        model (nn.Module): A DEIM model.
+        official_name (Callable[[str], str]): Maps a parameter name of `model` to the authors' name for it.
+        recipe (str): One of OFFICIAL_GROUPS ('n', 's', 'm', 'l', 'x').
+        lr (float): Base learning rate.
+        backbone_lr (float): Learning rate of the groups the config gives the backbone lr.
+        weight_decay (float): Weight decay of the decaying groups.
+
+    Returns:
+        (list[dict]): Non-empty groups in the config's order, then the default group, each with `name`, `params`, `lr`
+            and `weight_decay`; every trainable parameter is in exactly one group.
+    """
+    rules = OFFICIAL_GROUPS[recipe]
+    groups = [
+        {
+            "name": ("backbone_lr" if at_backbone_lr else "lr") + ("" if decays else "_no_decay"),
+            "params": [],
+            "lr": backbone_lr if at_backbone_lr else lr,
+            "weight_decay": weight_decay if decays else 0.0,
+        }
+        for _, at_backbone_lr, decays in rules
+    ]
+    groups.append({"name": "default", "params": [], "lr": lr, "weight_decay": weight_decay})
+    for name, p in model.named_parameters():  # each shared parameter once
+        if p.requires_grad:
+            official = official_name(name)
+            index = next((i for i, (pattern, _, _) in enumerate(rules) if re.search(pattern, official)), len(rules))
+            groups[index]["params"].append(p)
+    return [g for g in groups if g["params"]]
+
+
+def build_adamw(
+    groups: list[dict], lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, lr, backbone_lr, weight_decay, backbone)` with the authors' betas."""
-    return torch.optim.AdamW(
-        param_groups(model, lr, backbone_lr, weight_decay, backbone), lr=lr, betas=betas, weight_decay=weight_decay
-    )
+    """AdamW over parameter `groups` (from `param_groups` or `official_param_groups`), the authors' betas by default."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)

@@ -30,7 +30,8 @@ from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
-from deim_ultra.optim import build_adamw
+from deim_ultra.official_names import official_namer
+from deim_ultra.optim import build_adamw, official_param_groups, param_groups
 from deim_ultra.recipe_settings import recipe_overrides
 from deim_ultra.schedule import (
     RECIPES,
@@ -188,17 +189,16 @@ class DEIMTrainer(RTDETRTrainer):
         freeze_constants(model)
         if not self.recipe_active:
             return super().build_optimizer(model, name, lr, momentum, decay, iterations)
-        optimizer = build_adamw(
-            model,
-            lr=lr,
-            backbone_lr=self.args.backbone_lr,
-            weight_decay=decay,
-            backbone=backbone_modules(model),
-            betas=(momentum, 0.999),
-        )
+        if isinstance(model, DEIMDetectionModel):
+            groups = official_param_groups(
+                model, official_namer(model), self.args.recipe, lr, self.args.backbone_lr, decay
+            )
+        else:
+            groups = param_groups(model, lr, self.args.backbone_lr, decay, backbone=backbone_modules(model))
+        optimizer = build_adamw(groups, lr=lr, weight_decay=decay, betas=(momentum, 0.999))
         LOGGER.info(
             f"{colorstr('optimizer:')} AdamW(lr={lr}, backbone lr={self.args.backbone_lr}, betas=({momentum}, 0.999), "
-            f"weight_decay={decay}; none on norms and biases)"
+            f"weight_decay={decay}; groups {', '.join(g['name'] for g in groups)})"
         )
         return optimizer
 
@@ -305,8 +305,8 @@ class DEIMTrainer(RTDETRTrainer):
         if self.stage != "no_aug":  # one size per batch; [imgsz] alone when multi-scale is off
             sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat, self.args.multi_scale)
             size = self.scale_rng.choice(sizes)
-            if size != batch["img"].shape[-1]:
-                batch["img"] = nn.functional.interpolate(batch["img"], size=(size, size), mode="bilinear")
+            if size != batch["img"].shape[-1]:  # nearest, as the authors' collate (F.interpolate's default)
+                batch["img"] = nn.functional.interpolate(batch["img"], size=(size, size), mode="nearest")
         return batch
 
     def optimizer_step(self):

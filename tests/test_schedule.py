@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from deim_ultra.optim import build_adamw, param_groups
+from deim_ultra.optim import build_adamw, official_param_groups, param_groups
 from deim_ultra.schedule import RECIPES, ema_decay, flat_cosine_factor, multiscale_sizes, scale_policy, stage_at
 
 # DEIM-N config: (regex, lr, weight decay) per group, in config order; unmatched parameters get (lr, weight decay).
@@ -134,12 +134,11 @@ def test_param_groups_match_official_regexes_deim_n(parity_fixture):
     """Every trainable DEIM-N parameter lands in exactly one group, with the (lr, weight decay) that the official
     N config's regexes give its official name."""
     from deim_ultra.convert import TRAINING_ONLY_KEYS, official_prefixes, rename_official_key
-    from deim_ultra.nn.hgnetv2 import HGStage, HGStem
     from deim_ultra.nn.tasks import DEIMDetectionModel
+    from deim_ultra.official_names import official_namer
 
     model = DEIMDetectionModel("deim-n.yaml", verbose=False)
-    backbone = [m for m in model.model if isinstance(m, (HGStem, HGStage))]
-    optimizer = build_adamw(model, LR, BACKBONE_LR, WD, backbone)
+    optimizer = build_adamw(official_param_groups(model, official_namer(model), "n", LR, BACKBONE_LR, WD), LR, WD)
     assert optimizer.defaults["betas"] == (0.9, 0.999)
     groups = optimizer.param_groups
 
@@ -162,7 +161,7 @@ def test_param_groups_match_official_regexes_deim_n(parity_fixture):
     # The official regexes on the fixture's 431 parameter names (keys less BN statistics and the anchors, valid_mask
     # and num_points_scale buffers): 186 backbone (BN and LAB included), 151 encoder/decoder norms and biases, 94
     # others, of which 4 are the frozen up/reg_scale; our model adds the denoising embedding.
-    assert counts == {"backbone": 186, "no_decay": 151, "default": 94 - 4 + 1}
+    assert counts == {"backbone_lr": 186, "lr_no_decay": 151, "default": 94 - 4 + 1}
 
 
 def test_tail_restart_rule():
@@ -180,3 +179,43 @@ def test_tail_restart_rule():
     assert restore_before(6, stalls, 2)  # 0.5 <= 0.6
     assert restore_before(3, [0.5, 0.5, 0.5], 2)  # a tie does not improve
     assert not restore_before(3, [0.5, 0.5, 0.5], 0)  # no pre-tail stage: nothing to restart from
+
+
+# Official names -> (lr is the backbone's, decayed), read off each size's config regexes by hand.
+SIZE_GROUPS = {
+    "n": {"backbone.stem.stem1.bn.weight": (True, True), "decoder.dec_score_head.0.bias": (False, False)},
+    "s": {
+        "backbone.stem.stem1.conv.weight": (True, True),
+        "backbone.stem.stem1.lab.scale": (True, True),
+        "backbone.stem.stem1.bn.weight": (False, False),  # S and M: backbone BatchNorm at the base lr, no decay
+        "encoder.input_proj.0.norm.weight": (False, False),
+        "decoder.dec_score_head.0.bias": (False, True),  # biases decay
+        "decoder.dec_score_head.0.weight": (False, True),
+    },
+    "m": {"backbone.stem.stem1.bn.weight": (False, False), "decoder.dec_score_head.0.bias": (False, True)},
+    "l": {
+        "backbone.stem.stem1.bn.weight": (True, True),
+        "encoder.input_proj.0.norm.weight": (False, False),
+        "decoder.dec_score_head.0.bias": (False, True),
+    },
+    "x": {"backbone.stem.stem1.bn.weight": (True, True), "decoder.dec_score_head.0.bias": (False, True)},
+}
+
+
+@pytest.mark.parametrize("size", sorted(SIZE_GROUPS))
+def test_each_size_gets_its_own_parameter_groups(size, tiny_data, tmp_path):
+    from deim_ultra.nn.tasks import DEIMDetectionModel
+    from deim_ultra.official_names import official_namer
+    from deim_ultra.train import DEIMTrainer
+
+    trainer = DEIMTrainer(overrides=dict(model=f"deim-{size}.yaml", data=str(tiny_data), project=str(tmp_path)))
+    model = DEIMDetectionModel(f"deim-{size}.yaml", nc=3, verbose=False)
+    args = trainer.args
+    optimizer = trainer.build_optimizer(model, lr=args.lr0, momentum=args.momentum, decay=args.weight_decay)
+    name = official_namer(model)
+    where = {name(n): next(g for g in optimizer.param_groups if any(q is p for q in g["params"])) for n, p in
+             model.named_parameters() if p.requires_grad}  # fmt: skip
+    for official, (at_backbone_lr, decays) in SIZE_GROUPS[size].items():
+        group = where[official]
+        assert group["lr"] == (args.backbone_lr if at_backbone_lr else args.lr0), official
+        assert group["weight_decay"] == (args.weight_decay if decays else 0.0), official

@@ -179,7 +179,7 @@ def test_multiscale_batches_until_the_tail(data, tmp_path):
     sizes = [img.shape[-1] for img in images]
     assert set(sizes) <= set(allowed) and len(set(sizes)) > 1 and sizes.count(640) > len(sizes) / 3
     for img in images:  # resized once, from the original: Ultralytics' own multi-scale does not run on top
-        once = torch.nn.functional.interpolate(image.float() / 255, size=img.shape[-2:], mode="bilinear")
+        once = torch.nn.functional.interpolate(image.float() / 255, size=img.shape[-2:], mode="nearest")
         assert torch.equal(img, once if img.shape[-1] != 640 else image.float() / 255)
     trainer.stage = "no_aug"
     assert {trainer.preprocess_batch(batch())["img"].shape[-1] for _ in range(5)} == {640}
