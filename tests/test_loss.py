@@ -317,3 +317,34 @@ def test_each_class_loss_gets_its_own_recipe_gamma(cls_loss, gamma):
     alpha = {"mal": 1.0, "vfl": 0.75, "focal": 1 - 0.75}[cls_loss]
     expected = alpha * p**gamma * -math.log(1 - p)
     assert losses[f"loss_{cls_loss}"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_criterion_computes_in_float32_from_half_precision_outputs(dtype):
+    """Under autocast the decoder hands the criterion half-precision tensors; the loss is still computed in float32
+    (as the authors run it, autocast off), so it equals the loss of the same values given in float32."""
+    from deim_ultra.loss.criterion import as_float32
+
+    torch.manual_seed(0)
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.4, 0.1, 0.3]])},
+    ]
+    outputs = _training_dict(_layers(2, 16, 3))
+    outputs["pred_logits"] = outputs["pred_logits"] * 12  # saturated scores: their fp16 focal costs overflow
+
+    def cast(tree):  # down to `dtype`, like the outputs of a forward under autocast
+        if isinstance(tree, torch.Tensor):
+            return tree.to(dtype) if tree.is_floating_point() else tree
+        if isinstance(tree, dict):
+            return {k: cast(v) for k, v in tree.items()}
+        return [cast(v) for v in tree] if isinstance(tree, list) else tree
+
+    half = cast(outputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = DEIMCriterion(3)(half, targets)
+    reference = DEIMCriterion(3)(as_float32(half), targets)
+    assert in_autocast.keys() == reference.keys()
+    for name, value in in_autocast.items():
+        assert value.dtype == torch.float32, name
+        assert torch.equal(value, reference[name]), name
