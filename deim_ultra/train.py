@@ -261,8 +261,12 @@ class DEIMTrainer(RTDETRTrainer):
         return [float(v) for v in self.read_results_csv().get(MAP_COLUMN, [])]
 
     def keep_best_stage1(self) -> None:
-        """Before the tail, save the full state of an epoch whose val mAP50-95 beats every earlier one."""
-        if not self.args.val or self.epoch >= self.policy[2]:
+        """Before the tail, save the full state of an epoch whose val mAP50-95 beats every earlier one.
+
+        Only the process that validates writes it; under DDP the others read it at the restart, after the epoch-end
+        synchronisation has passed.
+        """
+        if not self.args.val or self.epoch >= self.policy[2] or RANK not in {-1, 0}:
             return
         maps = self.epoch_maps()
         if maps and maps[-1] > max(maps[:-1], default=float("-inf")):
