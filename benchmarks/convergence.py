@@ -11,7 +11,9 @@ Rows (select with --rows; seeds with --seeds):
 
 Writes in --out: `convergence.csv` (row, seed, epoch, mAP50-95, mAP50, seconds per training iteration) and
 `convergence.png` (mean per epoch with a min-max band over seeds), and prints final mAP per row, seconds per
-iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE baseline's mean final mAP.
+iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE baseline's mean final mAP. With
+`--reference` (the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
+mAP50-95), their band is drawn too and DEIM's distance from it from epoch 20 on is printed.
 
     python benchmarks/convergence.py --quick                      # all rows, seeds 0 1 for a, b, f: CPU, ~60 min
     python benchmarks/convergence.py --quick --rows a f --seeds 0   # a subset
@@ -126,7 +128,23 @@ def by_row(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
     return table
 
 
-def summarise(rows: list[dict]) -> None:
+def read_reference(path: Path | None) -> dict[int, list[float]]:
+    """The authors' curves: epoch -> mAP50-95 of every seed ({} without a file)."""
+    if path is None:
+        return {}
+    curves: dict[int, list[float]] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            curves.setdefault(int(r["epoch"]), []).append(float(r["mAP50-95"]))
+    return curves
+
+
+def band_gap(value: float, band: list[float]) -> float:
+    """How far `value` lies outside [min(band), max(band)] (0 inside)."""
+    return max(min(band) - value, value - max(band), 0.0)
+
+
+def summarise(rows: list[dict], reference: dict[int, list[float]]) -> None:
     """Print final mAP (mean and range over seeds), seconds per iteration, and DEIM's epochs to the baseline's final."""
     table = by_row(rows)
     for row, epochs in table.items():
@@ -136,6 +154,12 @@ def summarise(rows: list[dict]) -> None:
             f"{ROWS[row]:28s} final mAP50-95 mean {statistics.mean(final):.3f} (range {min(final):.3f}-"
             f"{max(final):.3f}, {len(final)} seed(s)), {speed:.3f} s/iteration"
         )
+    if reference and "a" in table:
+        gaps = {
+            e: band_gap(statistics.mean(table["a"][e]), reference[e]) for e in table["a"] if e >= 20 and e in reference
+        }
+        worst = max(gaps, key=gaps.get)
+        print(f"DEIM's mean vs the authors' band, epochs 20+: largest gap {gaps[worst]:.3f} at epoch {worst}")
     if "a" in table and "b" in table:
         target = statistics.mean(table["b"][max(table["b"])])
         reached = next((e for e in sorted(table["a"]) if statistics.mean(table["a"][e]) >= target), None)
@@ -144,9 +168,13 @@ def summarise(rows: list[dict]) -> None:
         )
 
 
-def plot(rows: list[dict], title: str, path: Path) -> None:
+def plot(rows: list[dict], reference: dict[int, list[float]], title: str, path: Path) -> None:
     """Mean mAP50-95 per epoch of each row, with a band from the lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if reference:
+        x = sorted(reference)
+        ax.fill_between(x, [min(reference[e]) for e in x], [max(reference[e]) for e in x], color="grey", alpha=0.25)
+        ax.plot(x, [statistics.mean(reference[e]) for e in x], color="grey", ls="--", label="authors' DEIM code")
     for row, epochs in by_row(rows).items():
         x = sorted(epochs)
         mean = [statistics.mean(epochs[e]) for e in x]
@@ -175,7 +203,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
-    parser.add_argument("--from-csv", type=Path, help="only summarise and redraw from an earlier convergence.csv")
+    parser.add_argument("--from-csv", type=Path, nargs="+", help="only summarise and redraw from earlier CSVs")
+    parser.add_argument("--reference", type=Path, help="the authors' per-epoch curves (seed, epoch, mAP50-95)")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,12 +216,14 @@ def main() -> None:
         data, args.epochs, args.imgsz, args.batch = args.data, args.epochs or 120, args.imgsz or 640, args.batch or 16
 
     if args.from_csv:
-        with open(args.from_csv) as f:
-            rows = [
-                dict(r, seed=int(r["seed"]), epoch=int(r["epoch"]), map=float(r["map"]), map50=float(r["map50"]),
-                     s_per_iter=float(r["s_per_iter"]))
-                for r in csv.DictReader(f)
-            ]  # fmt: skip
+        rows = []
+        for path in args.from_csv:
+            with open(path) as f:
+                rows += [
+                    dict(r, seed=int(r["seed"]), epoch=int(r["epoch"]), map=float(r["map"]), map50=float(r["map50"]),
+                         s_per_iter=float(r["s_per_iter"]))
+                    for r in csv.DictReader(f)
+                ]  # fmt: skip
     else:
         runs = [(row, seed) for seed in args.seeds for row in args.rows if row in SEEDED_ROWS or seed == args.seeds[0]]
         rows = []
@@ -204,8 +235,16 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-    summarise(rows)
-    plot(rows, f"{args.model} / yolo26n, {'dense shapes' if args.quick else args.data}", args.out / "convergence.png")
+    reference = read_reference(args.reference)
+    if not args.reference:
+        print("no --reference given: the authors' curves are not drawn or compared")
+    summarise(rows, reference)
+    plot(
+        rows,
+        reference,
+        f"{args.model} / yolo26n, {'dense shapes' if args.quick else args.data}",
+        args.out / "convergence.png",
+    )
     print(f"wrote {args.out / 'convergence.png'}" + ("" if args.from_csv else f" and {args.out / 'convergence.csv'}"))
 
 
