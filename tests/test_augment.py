@@ -430,3 +430,12 @@ def test_boxes_thinner_than_a_pixel_after_the_resize_are_dropped():
     out = deim_transforms(RectangleDataset(), 128, "warmup", hyp_with(fliplr=0.0))(labels)
     assert out["cls"].flatten().tolist() == [2.0]
     assert torch.allclose(out["bboxes"], torch.tensor([[320 / 512, 320 / 512, 40 / 512, 40 / 512]]), atol=1e-6)
+
+
+def test_bgr_setting_swaps_the_channels_of_the_training_image():
+    """`bgr` keeps Ultralytics' meaning under a recipe: the probability that a training image stays BGR."""
+    labels = rectangle_labels((64, 64), [(8, 8, 40, 40)], [0])
+    rgb = deim_transforms(RectangleDataset(), 64, "warmup", hyp_with(fliplr=0.0, bgr=0.0))(dict(labels))["img"]
+    labels = rectangle_labels((64, 64), [(8, 8, 40, 40)], [0])
+    bgr = deim_transforms(RectangleDataset(), 64, "warmup", hyp_with(fliplr=0.0, bgr=1.0))(dict(labels))["img"]
+    assert not torch.equal(rgb, bgr) and torch.equal(rgb, bgr.flip(0))
