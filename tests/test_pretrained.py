@@ -37,6 +37,21 @@ def train_capturing_backbone(tmp_path: Path, tiny_data: Path, **kwargs) -> dict[
     return captured
 
 
+def cli_train(tiny_data: Path, tmp_path: Path, *extra: str, env: dict | None = None):
+    """`deim train` of DEIM-N on the tiny set with TRAIN's settings, from `tmp_path`."""
+    settings = [f"{k}={v}" for k, v in TRAIN.items()]
+    return deim_cli(
+        "train",
+        "model=deim-n.yaml",
+        f"data={tiny_data}",
+        f"project={tmp_path}",
+        *settings,
+        *extra,
+        cwd=tmp_path,
+        env=env,
+    )
+
+
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -52,16 +67,7 @@ def test_backbone_file_through_python_train(tiny_data, tmp_path):
 def test_backbone_file_through_cli(tiny_data, tmp_path):
     path = tmp_path / "PPHGNetV2_B0_stage1.pth"
     write_backbone_file(path)
-    args = [f"{k}={v}" for k, v in TRAIN.items()]
-    result = deim_cli(
-        "train",
-        "model=deim-n.yaml",
-        f"data={tiny_data}",
-        f"pretrained={path}",
-        f"project={tmp_path}",
-        *args,
-        cwd=tmp_path,
-    )
+    result = cli_train(tiny_data, tmp_path, f"pretrained={path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Backbone initialised from ImageNet weights '{path}'" in result.stdout + result.stderr
     assert (tmp_path / "train" / "weights" / "last.pt").is_file()
@@ -76,16 +82,7 @@ def test_pretrained_true_takes_the_file_from_the_weights_dir(tiny_data, tmp_path
 
 
 def test_pretrained_true_offline_warns_once_and_trains_from_random(tiny_data, tmp_path):
-    args = [f"{k}={v}" for k, v in TRAIN.items()]
-    result = deim_cli(
-        "train",
-        "model=deim-n.yaml",
-        f"data={tiny_data}",
-        f"project={tmp_path}",
-        *args,
-        cwd=tmp_path,
-        env={"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")},
-    )
+    result = cli_train(tiny_data, tmp_path, env={"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if WARNING in line]
     assert len(lines) == 1, lines
