@@ -348,3 +348,30 @@ def test_criterion_computes_in_float32_from_half_precision_outputs(dtype):
     for name, value in in_autocast.items():
         assert value.dtype == torch.float32, name
         assert torch.equal(value, reference[name]), name
+
+
+@pytest.mark.parametrize(
+    "pred, loss",
+    [
+        ([0.5, 0.5, -0.1, -0.1], 1.0),  # both edges crossed: a point at the GT's centre, IoU 0, hull = the GT
+        ([0.5, 0.5, -0.1, 0.2], 1.0),  # width crossed: a vertical line through the GT, IoU 0, hull = the GT
+        ([0.5, 0.5, 0.0, 0.0], 1.0),
+    ],
+)
+def test_inverted_predicted_boxes_are_zero_size_boxes(pred, loss):
+    """FDR's edge distances can cross and give a negative width or height. Like the authors' conversion, the loss takes
+    such a box as zero-size: 1 - GIoU stays in [0, 2] (a negative area would give 0.75 and 1.5 here) and the IoU that
+    MAL targets and the matcher use is 0."""
+    from deim_ultra.loss.localization import box_losses, paired_iou
+
+    gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    _, giou = box_losses(torch.tensor([pred]), gt)
+    assert giou.item() == pytest.approx(loss)
+    assert paired_iou(torch.tensor([pred]), gt).item() == 0.0
+    cost = HungarianMatcher(cost_class=0.0, cost_bbox=0.0, cost_giou=1.0)
+    indices = cost(
+        torch.zeros(1, 2, 3),
+        torch.tensor([[pred, [0.5, 0.5, 0.19, 0.19]]]),
+        [{"labels": torch.tensor([0]), "boxes": gt}],
+    )
+    assert indices[0][0].tolist() == [1]  # the real box wins the match over the degenerate one

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_convert
 
 from deim_ultra.nn.fdr import weighting_function
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) cxcywh -> xyxy, a negative width or height taken as 0, as the authors' conversion does.
+
+    FDR's edge distances can cross, so a predicted box may have a negative width or height. Converted as is, its area
+    is negative: IoU leaves [0, 1], GIoU exceeds 1, and 1 - GIoU becomes a negative loss that rewards inverting boxes.
+    As a zero-size box at its centre it is simply a miss (IoU 0), and only its centre receives a GIoU gradient.
+    """
+    centre, size = boxes[..., :2], boxes[..., 2:].clamp(min=0.0)
+    return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
 
 
 def paired_iou_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +47,7 @@ def paired_iou_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.T
 
 def paired_iou(pred_cxcywh: torch.Tensor, gt_cxcywh: torch.Tensor) -> torch.Tensor:
     """Detached IoU of aligned (N, 4) cxcywh pairs, (N,): the quality signal used as a soft target or weight."""
-    xyxy = box_convert(torch.stack([pred_cxcywh, gt_cxcywh]).detach(), "cxcywh", "xyxy")
-    return paired_iou_giou(xyxy[0], xyxy[1])[0]
+    return paired_iou_giou(cxcywh_to_xyxy(pred_cxcywh.detach()), cxcywh_to_xyxy(gt_cxcywh.detach()))[0]
 
 
 def box_losses(pred_cxcywh: torch.Tensor, gt_cxcywh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +61,7 @@ def box_losses(pred_cxcywh: torch.Tensor, gt_cxcywh: torch.Tensor) -> tuple[torc
         l1: scalar, sum of |pred - gt| over pairs and coordinates.
         giou: scalar, sum of 1 - GIoU over pairs.
     """
-    giou = paired_iou_giou(box_convert(pred_cxcywh, "cxcywh", "xyxy"), box_convert(gt_cxcywh, "cxcywh", "xyxy"))[1]
+    giou = paired_iou_giou(cxcywh_to_xyxy(pred_cxcywh), cxcywh_to_xyxy(gt_cxcywh))[1]
     return (pred_cxcywh - gt_cxcywh).abs().sum(), (1 - giou).sum()
 
 
@@ -76,7 +85,7 @@ def distance_bins(
         weight_right: (N * 4,) weight of bin left + 1 in [0, 1]; bin left gets 1 - weight_right.
     """
     scale = reg_scale.abs()
-    gt = box_convert(gt_cxcywh, "cxcywh", "xyxy")
+    gt = cxcywh_to_xyxy(gt_cxcywh)
     centre, size = ref_cxcywh[:, :2].repeat(1, 2), ref_cxcywh[:, 2:].repeat(1, 2)
     dist = torch.cat([centre[:, :2] - gt[:, :2], gt[:, 2:] - centre[:, 2:]], 1)
     d = (dist / (size / scale + 1e-16) - 0.5 * scale).reshape(-1)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, box_iou, generalized_box_iou
+from torchvision.ops import box_iou, generalized_box_iou
+
+from .localization import cxcywh_to_xyxy
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -73,8 +75,7 @@ class HungarianMatcher(nn.Module):
         cost = (
             self.cost_class * focal_class_cost(prob, self.alpha, self.gamma)
             + self.cost_bbox * torch.cdist(pred, gt_boxes, p=1)
-            - self.cost_giou
-            * generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"))
+            - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes))
         )
         cost = cost.nan_to_num(nan=1.0).view(bs, nq, -1).cpu()
         matches = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
@@ -137,7 +138,7 @@ def one_to_many_assign(
             empty = torch.zeros(0, dtype=torch.int64, device=box.device)
             result.append((empty, empty))
             continue
-        iou = box_iou(box_convert(box, "cxcywh", "xyxy"), box_convert(t["boxes"].to(box), "cxcywh", "xyxy"))
+        iou = box_iou(cxcywh_to_xyxy(box), cxcywh_to_xyxy(t["boxes"].to(box)))
         score = iou_weight * iou + (1 - iou_weight) * logit.sigmoid()[:, t["labels"]]
         owned = torch.zeros_like(iou, dtype=torch.bool).scatter_(1, score.argmax(1, keepdim=True), True)
         eligible = owned & (iou >= iou_threshold)
