@@ -171,20 +171,21 @@ def test_distance_bins_and_fgl_by_hand():
     w17, w18 = s - 1, s**2 - 1
     ref = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
     # Edge distance from the centre, in decoder units: d = dist * reg_scale / size - reg_scale / 2 with size 0.2,
-    # so dist = (d + 2) * 0.05. Left edge: a quarter of the way from bin 16 (0) to bin 17; top: midway between bins
-    # 17 and 18; right: d = 5 beyond the last bin (4); bottom: d = -5 below the first bin (-4).
-    d = [0.25 * w17, (w17 + w18) / 2, 5.0, -5.0]
+    # so dist = (d + 2) * 0.05. Left: d = -5 below the first bin (-4); top: a quarter of the way from bin 16 (0) to
+    # bin 17; right: d = 5 beyond the last bin (4); bottom: midway between bins 17 and 18. The GT box stays valid.
+    d = [-5.0, 0.25 * w17, 5.0, (w17 + w18) / 2]
     dist = [(x + 2) * 0.05 for x in d]
     x0, y0, x1, y1 = 0.5 - dist[0], 0.5 - dist[1], 0.5 + dist[2], 0.5 + dist[3]
+    assert x1 > x0 and y1 > y0
     gt = torch.tensor([[(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]], dtype=torch.float64)
     left, weight_right = distance_bins(ref.double(), gt, 32, up, scale)
-    assert left.tolist() == [16, 17, 31, 0]
-    assert weight_right.tolist() == pytest.approx([0.25, 0.5, 1.0, 0.0], abs=1e-5)
+    assert left.tolist() == [0, 16, 31, 17]
+    assert weight_right.tolist() == pytest.approx([0.0, 0.25, 1.0, 0.5], abs=1e-5)
 
     corners = torch.randn(1, 4 * 33, dtype=torch.float64)
     logp = torch.log_softmax(corners.view(4, 33), -1)
     iou = 0.6
-    per_edge = [0.75 * logp[0, 16] + 0.25 * logp[0, 17], 0.5 * logp[1, 17] + 0.5 * logp[1, 18], logp[2, 32], logp[3, 0]]
+    per_edge = [logp[0, 0], 0.75 * logp[1, 16] + 0.25 * logp[1, 17], logp[2, 32], 0.5 * logp[3, 17] + 0.5 * logp[3, 18]]
     expected = -iou * sum(per_edge)
     assert fgl_loss(corners, left, weight_right, torch.tensor([iou], dtype=torch.float64)).item() == pytest.approx(
         expected.item(), rel=1e-5
