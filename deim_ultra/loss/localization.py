@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 
 from deim_ultra.nn.fdr import weighting_function
 
@@ -19,8 +20,7 @@ def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     is negative: IoU leaves [0, 1], GIoU exceeds 1, and 1 - GIoU becomes a negative loss that rewards inverting boxes.
     As a zero-size box at its centre it is simply a miss (IoU 0), and only its centre receives a GIoU gradient.
     """
-    centre, size = boxes[..., :2], boxes[..., 2:].clamp(min=0.0)
-    return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+    return box_convert(torch.cat([boxes[..., :2], boxes[..., 2:].clamp(min=0.0)], dim=-1), "cxcywh", "xyxy")
 
 
 def paired_iou_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
