@@ -125,8 +125,20 @@ def official_param_groups(
     return [g for g in groups if g["params"]]
 
 
+def adamw_eps(groups: list[dict]) -> float:
+    """AdamW's epsilon for the parameters of `groups`: the authors' 1e-8, raised for float16 parameters.
+
+    Ultralytics' AMP keeps parameters and optimizer state in float32, where 1e-8 is safe. A model whose parameters are
+    float16 keeps its Adam state in float16 too: 1e-8 rounds to 0 there, and a parameter whose second moment is 0
+    (a zero or underflowed gradient) is updated by 0 / 0 = NaN. Such models get float16's smallest normal number.
+    """
+    dtypes = {p.dtype for g in groups for p in g["params"]}
+    return max([1e-8] + [torch.finfo(d).tiny for d in dtypes if d == torch.float16])
+
+
 def build_adamw(
     groups: list[dict], lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
 ) -> torch.optim.AdamW:
-    """AdamW over parameter `groups` (from `param_groups` or `official_param_groups`), the authors' betas by default."""
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    """AdamW over parameter `groups` (from `param_groups` or `official_param_groups`), the authors' betas by default,
+    epsilon from `adamw_eps`."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=adamw_eps(groups))

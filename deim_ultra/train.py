@@ -22,6 +22,7 @@ from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.patches import override_configs
+from ultralytics.utils.torch_utils import unwrap_model
 
 from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
@@ -30,6 +31,7 @@ from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
+from deim_ultra.nonfinite import NonFiniteSteps, restore_buffers
 from deim_ultra.official_names import official_namer
 from deim_ultra.optim import build_adamw, official_param_groups, param_groups
 from deim_ultra.recipe_settings import recipe_overrides
@@ -82,6 +84,13 @@ def on_fit_epoch_end(trainer: DEIMTrainer) -> None:
     trainer.keep_best_stage1()
 
 
+def on_train_epoch_end(trainer: DEIMTrainer) -> None:
+    """Report the optimizer steps this epoch skipped for a non-finite loss or gradient."""
+    summary = trainer.nonfinite.epoch_summary()
+    if summary:
+        LOGGER.warning(f"Epoch {trainer.epoch + 1}: {summary}")
+
+
 def on_train_batch_start(trainer: DEIMTrainer) -> None:
     """Set the FlatCosine learning rate of this iteration."""
     trainer.apply_lr()
@@ -105,18 +114,22 @@ class DEIMTrainer(RTDETRTrainer):
         self.warmup_iters = 0
         self.scale_rng = random.Random(self.args.seed)
         self.mixup_rng = torch.Generator().manual_seed(self.args.seed)
+        self.nonfinite = NonFiniteSteps(self.args.nonfinite_patience)
+        self.batch_files: tuple[str, ...] = ()
         if self.recipe_active and self.args.policy_epochs is not None:
             if len(self.args.policy_epochs) != 3:
                 raise ValueError(f"policy_epochs={self.args.policy_epochs}: give three epochs [e0, e1, e2]")
             check_policy(tuple(self.args.policy_epochs), self.args.epochs)
+        callbacks = [("on_train_epoch_end", on_train_epoch_end)]
         if self.recipe_active:
-            for event, callback in (
+            callbacks += [
                 ("on_train_epoch_start", on_train_epoch_start),
                 ("on_train_batch_start", on_train_batch_start),
                 ("on_fit_epoch_end", on_fit_epoch_end),
-            ):
-                if callback not in self.callbacks[event]:
-                    self.add_callback(event, callback)
+            ]
+        for event, callback in callbacks:
+            if callback not in self.callbacks[event]:
+                self.add_callback(event, callback)
 
     @property
     def recipe_active(self) -> bool:
@@ -300,6 +313,7 @@ class DEIMTrainer(RTDETRTrainer):
 
     def preprocess_batch(self, batch: dict) -> dict:
         """Ultralytics' preprocessing, then batch mixup in the Dense O2O stage and one random size per batch."""
+        self.batch_files = tuple(batch.get("im_file", ()))
         if not self.recipe_active:
             return super().preprocess_batch(batch)
         with override_configs(self.args, {"multi_scale": 0.0}):  # DEIM's multi-scale below replaces Ultralytics'
@@ -314,11 +328,22 @@ class DEIMTrainer(RTDETRTrainer):
         return batch
 
     def optimizer_step(self):
-        """Ultralytics' step with the recipe's gradient-norm clip (0.1) instead of its fixed 10."""
-        if not self.recipe_active:
-            return super().optimizer_step()
+        """Ultralytics' step, skipped when the loss or the gradient is not finite (see `deim_ultra.nonfinite`).
+
+        Its body is repeated because the check needs the gradient norm that Ultralytics' clipping computes and drops;
+        the clip is the recipe's `clip_max_norm` (0.1), or Ultralytics' fixed 10.0 with `recipe=none`.
+        """
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.args.clip_max_norm)
+        max_norm = self.args.clip_max_norm if self.recipe_active else 10.0
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
+        judged = None if self.scaler.is_enabled() else norm  # an enabled GradScaler skips overflowing steps itself
+        if self.nonfinite.skip(self.loss, judged, self.batch_files, f"epoch {self.epoch + 1}"):
+            self.scaler.update()  # closes this step's unscale_, so the next step may unscale again
+            self.optimizer.zero_grad()
+            if self.ema:
+                restore_buffers(unwrap_model(self.model), self.ema.ema)
+            self.nonfinite.check_patience()
+            return
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()

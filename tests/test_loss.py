@@ -21,7 +21,6 @@ from deim_ultra.loss import (
     union_indices,
     vfl_loss,
 )
-from deim_ultra.loss import criterion as criterion_module
 
 
 def sigmoid(x: float) -> float:
@@ -291,20 +290,29 @@ def test_one_to_many_assignment_threshold_and_topk():
     assert crit.last_pos_per_img == 6.0  # the Hungarian match (query 0) is one of the six
 
 
-def test_non_finite_term_is_zeroed_and_reported(monkeypatch):
+def test_non_finite_term_reaches_the_total():
+    """A NaN term is not replaced by 0: the total must show it, so the trainer skips the step (test_nonfinite.py)
+    instead of training on a loss with a term silently removed."""
     torch.manual_seed(0)
     outputs = _training_dict(_layers(1, 6, 2))
     outputs["aux_outputs"][0]["pred_corners"] = torch.full_like(outputs["pred_corners"], float("nan"))
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    warnings = []
-    monkeypatch.setattr(criterion_module.LOGGER, "warning", warnings.append)
-    crit = DEIMCriterion(2)
-    for _ in range(2):
-        losses = crit(outputs, targets)
-    assert losses["loss_fgl_aux_0"].item() == 0.0 and losses["loss_ddf_aux_0"].item() == 0.0
-    assert all(torch.isfinite(v) for v in losses.values())
-    assert losses["loss_fgl"].item() > 0
-    assert len(warnings) == 2 and "loss_fgl_aux_0" in warnings[0] and "loss_ddf_aux_0" in warnings[1]
+    losses = DEIMCriterion(2)(outputs, targets)
+    assert losses["loss_fgl_aux_0"].isnan() and losses["loss_ddf_aux_0"].isnan()
+    assert torch.isfinite(losses["loss_fgl"]) and losses["loss_fgl"] > 0
+    assert sum(losses.values()).isnan()
+
+
+def test_matcher_orders_saturated_scores_from_half_precision_inputs():
+    """Two confident queries for one GT: p = sigmoid(10) and sigmoid(14) are both 1.0 in fp16, where the focal cost
+    is -inf for both and the box cost vanishes next to it. In fp32 the surer query (cost 2 * -10.5 against 2 * -7.5)
+    wins despite its box being 0.1 further (L1 cost 5 * 0.1, GIoU cost below 2 * 0.5)."""
+    logits = torch.tensor([[[10.0], [14.0]]], dtype=torch.float16)
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.55, 0.55, 0.2, 0.2]]], dtype=torch.float16)
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with torch.autocast("cpu", dtype=torch.float16):
+        ((query, gt),) = HungarianMatcher()(logits, boxes, targets)
+    assert query.tolist() == [1] and gt.tolist() == [0]
 
 
 @pytest.mark.parametrize("cls_loss, gamma", [("mal", 1.5), ("vfl", 2.0), ("focal", 2.0)])

@@ -11,7 +11,8 @@ Output groups of the decoder's training dict and what supervises them (names as 
     o2m (optional)     "_o2m"      class/bbox/giou on the final layer's one-to-many assignment (MS-DETR)
 
 Class terms are normalised by num_boxes (GTs in the batch), GO box/FGL terms by the GO set size, denoising terms by
-num_boxes * dn groups. Every returned term is already multiplied by its weight.
+num_boxes * dn groups. Every returned term is already multiplied by its weight. A non-finite term is returned as it is:
+the trainer skips such a step (`deim_ultra.nonfinite`) rather than training on a loss with a term silently removed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from ultralytics.utils import LOGGER
 
 from .localization import box_losses, ddf_balance, ddf_loss, distance_bins, fgl_loss, paired_iou
 from .mal import CLASS_LOSSES
@@ -146,7 +146,6 @@ class DEIMCriterion(nn.Module):
         self.matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, matcher_alpha, matcher_gamma)
         self.o2m = o2m
         self.last_pos_per_img = 0.0
-        self._warned: set[str] = set()
 
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """All weighted loss terms (see `weighted_terms`), computed in float32 whatever the autocast state.
@@ -207,7 +206,7 @@ class DEIMCriterion(nn.Module):
             positive[o2m.batch, o2m.query] = True
             losses.update({f"loss_{k}_o2m": v for k, v in self._o2m_terms(outputs, o2m, num_boxes).items()})
         self.last_pos_per_img = positive.sum().item() / bs
-        return self._guard(losses)
+        return losses
 
     def _layer_terms(self, out: dict, match: Matched, num_boxes: float, sup: BoxSupervision) -> dict[str, torch.Tensor]:
         """Weighted terms of one output dict, names without the "loss_" prefix and layer suffix.
@@ -278,17 +277,3 @@ class DEIMCriterion(nn.Module):
             "bbox": O2M_WEIGHTS["bbox"] * l1 / num_boxes,
             "giou": O2M_WEIGHTS["giou"] * giou / num_boxes,
         }
-
-    def _guard(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Replace non-finite terms by a detached zero so NaN/Inf never reaches the optimiser; warn once per name."""
-        if not losses:
-            return losses
-        finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in losses.values()])).tolist()
-        for (name, value), ok in zip(list(losses.items()), finite):
-            if ok:
-                continue
-            if name not in self._warned:
-                self._warned.add(name)
-                LOGGER.warning(f"DEIMCriterion: non-finite {name} ({value.item()}) replaced by 0")
-            losses[name] = torch.zeros_like(value.detach())
-        return losses

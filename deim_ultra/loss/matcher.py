@@ -65,11 +65,12 @@ class HungarianMatcher(nn.Module):
             B pairs (query_idx, gt_idx), each (min(Q, n_i),) int64 on the CPU.
         """
         bs, nq = logits.shape[:2]
+        logits, boxes = logits.float(), boxes.float()  # in fp16 the focal cost's 1e-8 guard is 0 and -log(p) saturates
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:
             return [(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)) for _ in sizes]
         gt_labels = torch.cat([t["labels"] for t in targets])
-        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.dtype)
+        gt_boxes = torch.cat([t["boxes"] for t in targets]).float()
         prob = logits.flatten(0, 1).sigmoid()[:, gt_labels]
         pred = boxes.flatten(0, 1)
         cost = (
