@@ -13,12 +13,13 @@ results.csv, so a resumed run makes the same decisions; the state itself is kept
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from ultralytics.utils.torch_utils import unwrap_model
+
+from deim_ultra.checkpoint_io import save_atomically
 
 BEST_STAGE1 = "best_stage1.pt"
 MAP_COLUMN = "metrics/mAP50-95(B)"
@@ -56,9 +57,7 @@ def save_state(trainer, path: Path) -> None:
         "optimizer": trainer.optimizer.state_dict(),
         "epoch": trainer.epoch,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_atomically(state, path)
 
 
 def load_state(trainer, path: Path) -> int:

@@ -20,12 +20,13 @@ from ultralytics.cfg import cfg2dict
 from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRValidator
-from ultralytics.utils import LOGGER, RANK, colorstr
+from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, colorstr
 from ultralytics.utils.patches import override_configs
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
 from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
+from deim_ultra.checkpoint_io import publish, strip_atomically
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
@@ -258,6 +259,40 @@ class DEIMTrainer(RTDETRTrainer):
         super()._setup_train()
         if self.recipe_active:
             self.ema.decay = partial(ema_decay, decay=self.args.ema_decay, tau=self.args.ema_tau)
+
+    def save_model(self) -> bool:
+        """Ultralytics' checkpoints (last.pt, best.pt, epoch*.pt), written into a staging folder beside weights/ and
+        then renamed into it one by one, so a kill while saving leaves the previous checkpoints intact."""
+        wdir, last, best = self.wdir, self.last, self.best
+        staging = wdir.with_name(f".{wdir.name}.saving")
+        self.wdir, self.last, self.best = staging, staging / last.name, staging / best.name
+        try:
+            saved = super().save_model()
+        finally:
+            self.wdir, self.last, self.best = wdir, last, best
+        publish(staging, wdir)
+        return saved
+
+    def final_eval(self) -> None:
+        """Ultralytics' final evaluation, with its optimizer strip of last.pt and best.pt written atomically.
+
+        Repeated from `BaseTrainer.final_eval` because there `strip_optimizer(self.last)` rewrites the file in place.
+        """
+        with torch_distributed_zero_first(LOCAL_RANK):  # strip on the first process; the others wait
+            if RANK in {-1, 0}:
+                ckpt = strip_atomically(self.last) if self.last.exists() else {}
+                if self.best.exists():
+                    strip_atomically(self.best, updates={"train_results": ckpt.get("train_results")})
+        if not self.best.exists():
+            return
+        LOGGER.info(f"\nValidating {self.best}...")
+        self.validator.args.plots = self.args.plots
+        self.validator.args.compile = False
+        self.metrics = self.validator(model=self.best)
+        self.metrics.pop("fitness", None)
+        self.epoch += 1  # Ultralytics logs the best model's metrics as epoch `epochs + 1`
+        self.run_callbacks("on_fit_epoch_end")
+        self.epoch -= 1
 
     def apply_stage(self) -> None:
         """Put the training set in the stage of the current epoch; rebuild the loader's workers when it changes."""

@@ -1,10 +1,17 @@
 """The DEIM recipe as the trainer actually runs it: stages per epoch, denser batches, FlatCosine lr, resume."""
 
+import copy
 import csv
+import json
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 from deim_ultra import DEIM
 from deim_ultra.data.synthetic import make_synthetic_dataset
@@ -70,7 +77,7 @@ def full_run(data, tmp_path_factory):
     model, stages, tail_states = DEIM("deim-n.yaml"), [], {}
     record_stages(model, stages)
     record_tail_starts(model, tail_states)
-    model.train(data=str(data), project=str(project), name="run", **SETTINGS)
+    model.train(data=str(data), project=str(project), name="run", save_period=1, **SETTINGS)
     return Run(stages, results(project / "run"), tail_states, project / "run" / "weights")
 
 
@@ -115,6 +122,56 @@ def test_resume_mid_dense_o2o(full_run, data, tmp_path):
     assert stages + resumed_stages == STAGES  # epoch 4 (index 3) resumes inside Dense O2O
     full = full_run.rows
     rows = results(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    for key in ("lr/pg0", "lr/pg1", "lr/pg2"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in full])
+
+
+KILLED_MID_EPOCH = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from deim_ultra import DEIM
+
+    data, project, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+    def kill_in_fourth_epoch(trainer):  # after epoch 3 was saved, halfway through epoch 4 (Dense O2O)
+        if trainer.epoch == 3 and trainer.batch_in_epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    model = DEIM("deim-n.yaml")
+    model.add_callback("on_train_batch_end", kill_in_fourth_epoch)
+    model.train(data=data, project=project, name="run", **settings)
+    """
+)
+
+
+def test_sigkill_mid_epoch_then_resume(full_run, data, tmp_path):
+    """A training process killed with SIGKILL mid-epoch resumes from its last saved epoch with the uninterrupted run's
+    EMA and optimizer state, stages and lr."""
+    script = tmp_path / "child.py"
+    script.write_text(KILLED_MID_EPOCH)
+    child = subprocess.run(
+        [sys.executable, str(script), str(data), str(tmp_path), json.dumps(SETTINGS)], capture_output=True, timeout=600
+    )
+    assert child.returncode == -signal.SIGKILL
+    resumed, resumed_stages, at_start = DEIM(tmp_path / "run" / "weights" / "last.pt"), [], {}
+    record_stages(resumed, resumed_stages)
+
+    def keep_resumed_state(trainer):
+        at_start["ema"] = {k: v.clone() for k, v in trainer.ema.ema.state_dict().items()}
+        at_start["optimizer"] = copy.deepcopy(trainer.optimizer.state_dict()["state"])  # the live moments change
+
+    resumed.add_callback("on_train_start", keep_resumed_state)
+    resumed.train(resume=True)
+    assert resumed_stages == STAGES[3:]  # epoch 4 again, in Dense O2O
+    uninterrupted = torch.load(full_run.weights / "epoch2.pt", weights_only=False)  # after epoch 3, 0-based name
+    ema = uninterrupted["ema"].float().state_dict()
+    assert all(torch.equal(at_start["ema"][k].float(), v.float()) for k, v in ema.items())
+    state = uninterrupted["optimizer"]["state"]
+    assert state.keys() == at_start["optimizer"].keys()
+    for i, moments in state.items():
+        assert torch.equal(at_start["optimizer"][i]["exp_avg"].half(), moments["exp_avg"].half())
+    rows, full = results(tmp_path / "run"), full_run.rows
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     for key in ("lr/pg0", "lr/pg1", "lr/pg2"):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in full])

@@ -1,0 +1,54 @@
+"""Writing checkpoints so that a process killed while saving never leaves a truncated file behind.
+
+Every file is written under a temporary name in its destination folder, flushed to disk, and renamed over the old
+file: a rename within one filesystem is atomic, so a reader (or `resume=True` after a crash) sees either the previous
+complete checkpoint or the new complete one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from ultralytics.utils.torch_utils import strip_optimizer
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp)` for a temporary file beside `path`, then move the finished file to `path` in one rename.
+
+    A `write` that creates no file (it declined) leaves `path` as it was.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if not tmp.exists():
+            return
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_atomically(obj: object, path: Path) -> None:
+    """`torch.save(obj, path)`, atomically."""
+    replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def publish(staging: Path, folder: Path) -> None:
+    """Move every file written in `staging` into `folder` (atomically, one rename each), then remove `staging`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in sorted(staging.iterdir()):
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(file, folder / file.name)
+    staging.rmdir()
+
+
+def strip_atomically(path: Path, updates: dict | None = None) -> dict:
+    """Ultralytics' `strip_optimizer` of `path` (the end-of-training checkpoint), written atomically."""
+    result = {}
+    replace_atomically(path, lambda tmp: result.update(strip_optimizer(path, s=str(tmp), updates=updates)))
+    return result

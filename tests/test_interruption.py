@@ -1,0 +1,64 @@
+"""A process killed while it writes a checkpoint leaves the previous complete checkpoint, never a truncated one."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+# The child trains 2 epochs and is SIGKILLed halfway through writing last.pt: at the end of epoch 2 (Ultralytics
+# writes checkpoint bytes with Path.write_bytes) or in the final optimizer strip (torch.save to a path).
+CHILD = textwrap.dedent(
+    """
+    import io, os, pathlib, signal, sys, json
+    import torch
+    from deim_ultra import DEIM
+
+    mode, data, project = sys.argv[1:4]
+
+    def half_then_die(path, payload: bytes):
+        with open(path, "wb") as f:
+            f.write(payload[: len(payload) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "epoch":
+        write_bytes, calls = pathlib.Path.write_bytes, []
+
+        def patched(self, payload):
+            if self.name == "last.pt":
+                calls.append(self)
+                if len(calls) == 2:
+                    half_then_die(self, payload)
+            return write_bytes(self, payload)
+
+        pathlib.Path.write_bytes = patched
+    else:
+        save = torch.save
+
+        def patched(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)) and "last.pt" in os.fspath(f):
+                buffer = io.BytesIO()
+                save(obj, buffer)
+                half_then_die(f, buffer.getvalue())
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = patched
+    DEIM("deim-n.yaml").train(data=data, project=project, name="run", **json.loads(sys.argv[4]))
+    """
+)
+SETTINGS = dict(epochs=2, imgsz=64, batch=4, workers=0, policy_epochs=[1, 1, 2], warmup_iters=1, plots=False, seed=0)
+
+
+@pytest.mark.parametrize("mode, epoch", [("epoch", 0), ("strip", 1)])
+def test_kill_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, mode, epoch):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    args = [sys.executable, str(script), mode, str(tiny_data), str(tmp_path), json.dumps(SETTINGS)]
+    child = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    last = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)  # complete, so it loads
+    assert last["epoch"] == epoch  # strip: the final epoch's checkpoint, still unstripped (optimizer state kept)
+    assert (last["optimizer"] is not None) and last["ema"] is not None
