@@ -27,6 +27,7 @@ from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_m
 from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
 from deim_ultra.checkpoint_io import publish, strip_atomically
+from deim_ultra.data.audit import LabelAudit, check_training_set, with_one_based_hint
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
@@ -86,7 +87,10 @@ def on_fit_epoch_end(trainer: DEIMTrainer) -> None:
 
 
 def on_train_epoch_end(trainer: DEIMTrainer) -> None:
-    """Report the optimizer steps this epoch skipped for a non-finite loss or gradient."""
+    """Report what this epoch skipped: broken training images, and optimizer steps with a non-finite loss/gradient."""
+    skipped = trainer.train_audit.skipped if trainer.train_audit else 0
+    if skipped:
+        LOGGER.warning(f"Epoch {trainer.epoch + 1}: {skipped} broken training images skipped (listed at the scan)")
     summary = trainer.nonfinite.epoch_summary()
     if summary:
         LOGGER.warning(f"Epoch {trainer.epoch + 1}: {summary}")
@@ -117,6 +121,7 @@ class DEIMTrainer(RTDETRTrainer):
         self.mixup_rng = torch.Generator().manual_seed(self.args.seed)
         self.nonfinite = NonFiniteSteps(self.args.nonfinite_patience)
         self.batch_files: tuple[str, ...] = ()
+        self.train_audit: LabelAudit | None = None
         if self.recipe_active and self.args.policy_epochs is not None:
             if len(self.args.policy_epochs) != 3:
                 raise ValueError(f"policy_epochs={self.args.policy_epochs}: give three epochs [e0, e1, e2]")
@@ -173,10 +178,26 @@ class DEIMTrainer(RTDETRTrainer):
         return None
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
-        """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation."""
-        if mode != "train" or not self.recipe_active:
+        """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation.
+
+        The training set is audited before training starts (`deim_ultra.data.audit`).
+        """
+        if mode != "train":
             return super().build_dataset(img_path, mode, batch)
-        # RTDETRTrainer.build_dataset names its dataset class, so its arguments are repeated here for DEIMDataset.
+        try:
+            dataset = (
+                self.deim_dataset(img_path, batch)
+                if self.recipe_active
+                else super().build_dataset(img_path, mode, batch)
+            )
+        except RuntimeError as e:  # Ultralytics' scan kept no image
+            raise with_one_based_hint(e, img_path, self.data["nc"]) from e
+        self.train_audit = check_training_set(dataset, img_path, self.data["nc"])
+        return dataset
+
+    def deim_dataset(self, img_path: str, batch: int | None) -> DEIMDataset:
+        """The recipe's training set; RTDETRTrainer.build_dataset names its dataset class, so its arguments are
+        repeated here for DEIMDataset."""
         return DEIMDataset(
             img_path=img_path,
             imgsz=self.args.imgsz,
@@ -186,7 +207,7 @@ class DEIMTrainer(RTDETRTrainer):
             rect=False,
             cache=self.args.cache or None,
             single_cls=self.args.single_cls or False,
-            prefix=colorstr(f"{mode}: "),
+            prefix=colorstr("train: "),
             classes=self.args.classes,
             data=self.data,
             fraction=1.0 if self.data.get("complete") else get_split_fraction(self.args.fraction, "train"),
