@@ -15,6 +15,7 @@ from ultralytics.cfg import check_dict_alignment, merge_equals_args, parse_key_v
 from ultralytics.utils import ASSETS, LOGGER
 
 from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT
+from deim_ultra.nonfinite import DivergedError
 
 MODES = ("train", "val", "predict", "export")
 CONVERT_KEYS = {"weights": None, "model": "deim-n.yaml"}
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(mode, overrides)
-    except (FileNotFoundError, TypeError, ValueError) as e:
+    except (FileNotFoundError, TypeError, ValueError, DivergedError) as e:
         LOGGER.error(f"deim {mode} failed: {type(e).__name__}: {e}")
         return 1
     return 0

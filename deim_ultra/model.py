@@ -12,6 +12,7 @@ from ultralytics.nn.tasks import RTDETRDetectionModel
 
 from deim_ultra.backbone_weights import is_backbone_file
 from deim_ultra.cfg import resolve_data_yaml, resolve_model_yaml
+from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer
 
@@ -68,7 +69,10 @@ class DEIM(Model):
         super()._new(str(resolve_model_yaml(cfg)), task=task, verbose=verbose)
 
     def _load(self, weights: str, task: str | None = None) -> None:
-        """Load a checkpoint or export, refusing `.pt` files that hold neither a DEIM nor an RT-DETR model."""
+        """Load a checkpoint or export, refusing `.pt` files that hold neither a DEIM nor an RT-DETR model, and any
+        whose pickle could run code (checked before Ultralytics unpickles it, see `deim_ultra.checkpoint_safety`)."""
+        if str(weights).endswith(".pt") and Path(weights).is_file():
+            check_checkpoint(weights)
         try:
             super()._load(weights, task=task)
         except (AttributeError, KeyError) as e:  # a readable .pt that is not an Ultralytics checkpoint dict

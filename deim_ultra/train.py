@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from copy import copy
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_m
 from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
 from deim_ultra.checkpoint_io import publish, strip_atomically
+from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.data.audit import LabelAudit, check_training_set, with_one_based_hint
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
@@ -47,6 +49,7 @@ from deim_ultra.schedule import (
     stage_at,
 )
 from deim_ultra.tail_restart import BEST_STAGE1, MAP_COLUMN, load_state, restore_before, save_state
+from deim_ultra.weights import listing
 
 
 def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
@@ -58,6 +61,20 @@ def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
 def backbone_modules(model: nn.Module) -> list[nn.Module]:
     """Layers that get the backbone learning rate: those of the YAML's `backbone` section."""
     return list(model.model[: len(model.yaml["backbone"])])
+
+
+def report_class_count_change(weights: nn.Module | dict, model: nn.Module) -> None:
+    """Say which layers a checkpoint of another class count could not give `model` (they keep their random init)."""
+    source = weights["model"] if isinstance(weights, dict) else weights
+    theirs, ours = source.model[-1].nc, model.model[-1].nc  # the head's class count
+    if theirs == ours:
+        return
+    state = source.state_dict()
+    fresh = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
+    LOGGER.warning(
+        f"Fine-tuning a {theirs}-class checkpoint on {ours} classes: the class-dependent layers {listing(fresh)} "
+        "start from random weights, every other layer from the checkpoint"
+    )
 
 
 def freeze_constants(model: nn.Module) -> None:
@@ -148,6 +165,7 @@ class DEIMTrainer(RTDETRTrainer):
         model = self.set_model_names_for_load(model)
         if weights:
             model.load(weights)
+            report_class_count_change(weights, model)
         elif isinstance(model, DEIMDetectionModel):
             self.init_backbone(model)
         return model
@@ -167,6 +185,12 @@ class DEIMTrainer(RTDETRTrainer):
         Ultralytics' `setup_model` opens any string `pretrained` as a full `.pt` checkpoint, so a backbone file is
         handled here: the model is built from its YAML and `get_model` loads the backbone.
         """
+        if (
+            isinstance(self.args.pretrained, str)
+            and Path(self.args.pretrained).suffix == ".pt"
+            and Path(self.args.pretrained).is_file()
+        ):
+            check_checkpoint(self.args.pretrained)  # Ultralytics unpickles it with weights_only=False
         if isinstance(self.model, nn.Module) or self.resume or not is_backbone_file(self.args.pretrained):
             return super().setup_model()
         if not str(self.model).endswith((".yaml", ".yml")):

@@ -116,7 +116,7 @@ def test_load_pretrained_reports_missing_and_unexpected_keys(tmp_path: Path):
 
     stem, stages = build("B0")
     before = {k: v.clone() for k, v in official_state(stem, stages).items()}
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ValueError) as err:
         load_hgnetv2_pretrained(stem, stages, path)
     message = str(err.value)
     assert str(path) in message
@@ -130,5 +130,5 @@ def test_load_pretrained_reports_shape_mismatch(tmp_path: Path):
     path = tmp_path / "PPHGNetV2_B0_stage1.pth"
     torch.save(official_state(*build("B0")), path)
     stem, stages = build("B2")
-    with pytest.raises(RuntimeError, match=r"shape mismatches: .*stem\.stem1\.conv\.weight \(16, 3, 3, 3\) vs model"):
+    with pytest.raises(ValueError, match=r"shape mismatches: .*stem\.stem1\.conv\.weight \(16, 3, 3, 3\) vs model"):
         load_hgnetv2_pretrained(stem, stages, path)

@@ -94,8 +94,11 @@ def test_pretrained_true_offline_warns_once_and_trains_from_random(tiny_data, tm
 def test_backbone_file_of_another_size_is_refused(tiny_data, tmp_path):
     path = tmp_path / "PPHGNetV2_B2_stage1.pth"
     write_backbone_file(path, yaml="deim-m.yaml")
-    with pytest.raises(RuntimeError, match="PPHGNetV2_B2_stage1.pth does not match"):
+    with pytest.raises(ValueError, match="PPHGNetV2_B2_stage1.pth does not match"):
         DEIM("deim-n.yaml").train(data=str(tiny_data), project=str(tmp_path), pretrained=str(path), **TRAIN)
+    result = cli_train(tiny_data, tmp_path, f"pretrained={path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "deim train failed: ValueError: HGNetv2 checkpoint" in result.stderr + result.stdout
 
 
 def test_missing_backbone_file_is_named(tiny_data, tmp_path):

@@ -242,7 +242,7 @@ def load_hgnetv2_pretrained(stem: nn.Module, stages: Sequence[nn.Module], path: 
         path: local path of the checkpoint.
 
     Raises:
-        RuntimeError: naming the file and the missing, unexpected or wrongly shaped keys when it does not match.
+        ValueError: naming the file and the missing, unexpected or wrongly shaped keys when it does not match.
     """
     path = Path(path)
     checkpoint = read_checkpoint(path)
@@ -254,7 +254,7 @@ def load_hgnetv2_pretrained(stem: nn.Module, stages: Sequence[nn.Module], path: 
     wanted = {k: v for k, v in state.items() if k.startswith(("stem.", "stages."))}
     problems = _state_mismatches(backbone.state_dict(), wanted)
     if problems:
-        raise RuntimeError(f"HGNetv2 checkpoint {path} does not match the model: " + "; ".join(problems))
+        raise ValueError(f"HGNetv2 checkpoint {path} does not match the model: " + "; ".join(problems))
     backbone.load_state_dict(wanted, strict=False)  # completeness was checked above, counters aside
 
 
