@@ -329,7 +329,8 @@ def test_each_class_loss_gets_its_own_recipe_gamma(cls_loss, gamma):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_criterion_computes_in_float32_from_half_precision_outputs(dtype):
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_criterion_computes_in_float32_from_half_precision_outputs(dtype, autocast_dtype):
     """Under autocast the decoder hands the criterion half-precision tensors; the loss is still computed in float32
     (as the authors run it, autocast off), so it equals the loss of the same values given in float32."""
     from deim_ultra.loss.criterion import as_float32
@@ -350,7 +351,7 @@ def test_criterion_computes_in_float32_from_half_precision_outputs(dtype):
         return [cast(v) for v in tree] if isinstance(tree, list) else tree
 
     half = cast(outputs)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=autocast_dtype):
         in_autocast = DEIMCriterion(3)(half, targets)
     reference = DEIMCriterion(3)(as_float32(half), targets)
     assert in_autocast.keys() == reference.keys()
