@@ -11,8 +11,9 @@ from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.nn.tasks import RTDETRDetectionModel
 
 from deim_ultra.backbone_weights import is_backbone_file
-from deim_ultra.cfg import resolve_data_yaml, resolve_model_yaml
+from deim_ultra.cfg import DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
 from deim_ultra.checkpoint_safety import check_checkpoint
+from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer
 
@@ -99,6 +100,22 @@ class DEIM(Model):
         if kwargs.get("recipe", "auto") == "auto" and not kwargs.get("resume"):
             kwargs["recipe"] = getattr(self.model, "yaml", {}).get("recipe", "none")
         return super().train(trainer=trainer, **kwargs)
+
+    def export(self, **kwargs: Any) -> str:
+        """Export; see Ultralytics' `Model.export`. DEIM adds `sampler`: "grid_sample" (default) or "gather", which
+        builds the deformable attention from gathers only, for runtimes without a GridSample operator (TFLite, EdgeTPU,
+        RKNN, some NPUs); both give the same outputs (see `deim_ultra.nn.deformable_attention.bilinear_gather`)."""
+        sampler = kwargs.pop("sampler", DEIM_CFG_DICT["sampler"])
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        attentions = [m for m in self.model.modules() if isinstance(m, MSDeformableAttention)]
+        for m in attentions:
+            m.sampler = sampler
+        try:
+            return super().export(**kwargs)
+        finally:
+            for m in attentions:
+                m.sampler = DEIM_CFG_DICT["sampler"]
 
     def val(self, validator=None, **kwargs: Any):
         """Validate, accepting shipped dataset names; see Ultralytics' `Model.val`."""

@@ -22,6 +22,36 @@ from deim_ultra.nn.activations import ACTIVATIONS
 from deim_ultra.nn.decoder_layers import DecoderStates, DFINEDecoderLayer, DFINEHeads, DFINETransformerDecoder
 from deim_ultra.nn.denoising import denoising_group
 
+# Logit of an invalid (off-image) proposal anchor. Its sigmoid is exactly 1 in float32, as that of the authors' +inf,
+# even after the proposal head adds its offset, so every output is unchanged; unlike +inf it survives float16 and
+# arithmetic in exported graphs (TensorRT / ONNX Runtime fp16).
+INVALID_ANCHOR_LOGIT = 1e4
+
+
+def anchor_logits(
+    shapes: list[list[int]], like: torch.Tensor, grid_size: float = 0.05, eps: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposal anchors of every level in logit space, and which lie inside the image.
+
+    Each cell centre of level l gets a square anchor of side `grid_size * 2**l` (normalised); anchors with any
+    coordinate outside (eps, 1 - eps) are invalid and get `INVALID_ANCHOR_LOGIT`.
+
+    Args:
+        shapes: [H_l, W_l] per level.
+        like: tensor whose dtype and device the anchors take (a traced input keeps them on its device).
+
+    Returns:
+        (1, sum(H_l * W_l), 4) cxcywh anchor logits, row-major within a level, and the (1, L, 1) bool valid mask.
+    """
+    levels = []
+    for i, (h, w) in enumerate(shapes):
+        y, x = torch.meshgrid(torch.arange(h).type_as(like), torch.arange(w).type_as(like), indexing="ij")
+        centres = torch.stack([(x + 0.5) / w, (y + 0.5) / h], -1).reshape(1, h * w, 2)
+        levels.append(torch.cat([centres, torch.full_like(centres, grid_size * 2.0**i)], -1))
+    anchors = torch.cat(levels, 1)
+    valid = ((anchors > eps) & (anchors < 1 - eps)).all(-1, keepdim=True)
+    return torch.log(anchors / (1 - anchors)).masked_fill(~valid, INVALID_ANCHOR_LOGIT), valid
+
 
 class _BufferAttribute:
     """Class-level accessor for a registered buffer whose name a base class already uses as a class attribute.
@@ -69,7 +99,7 @@ class DFINEDecoder(RTDETRDecoder):
         input_proj (nn.ModuleList): Per level Identity, or 1x1 conv + BN where the level width differs from hidden_dim.
         decoder (DFINETransformerDecoder): The layer stack.
         up, reg_scale (nn.Parameter): (1,) frozen FDR constants shared with `decoder`.
-        anchors (torch.Tensor): (1, L, 4) buffer, proposal anchors in logit space (+inf where invalid).
+        anchors (torch.Tensor): (1, L, 4) buffer, proposal anchors in logit space (INVALID_ANCHOR_LOGIT where invalid).
         valid_mask (torch.Tensor): (1, L, 1) bool buffer, anchors inside (0.01, 0.99).
         denoising_class_embed (nn.Embedding): nc + 1 rows (the last is padding), present when num_denoising > 0.
         query_pos_head, enc_output, enc_score_head, enc_bbox_head, dec_score_head, pre_bbox_head, dec_bbox_head:
@@ -159,7 +189,7 @@ class DFINEDecoder(RTDETRDecoder):
         )
         self.enc_score_head = nn.Linear(hidden_dim, nc)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=act_cls)
-        anchors, valid_mask = self._generate_anchors(self._eval_shapes(), torch.empty(0))
+        anchors, valid_mask = anchor_logits(self._eval_shapes(), torch.empty(0))
         self.register_buffer("anchors", anchors)
         self.register_buffer("valid_mask", valid_mask)
         self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=act_cls)
@@ -260,7 +290,7 @@ class DFINEDecoder(RTDETRDecoder):
         """The cached buffers at the eval size, else anchors generated for `shapes` ((1, L, 4) logits, (1, L, 1))."""
         if not self.dynamic and shapes == self._eval_shapes():
             return self.anchors, self.valid_mask
-        return self._generate_anchors(shapes, memory)
+        return anchor_logits(shapes, memory)
 
     def _get_decoder_input(
         self,

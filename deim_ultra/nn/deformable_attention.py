@@ -32,11 +32,45 @@ def split_value(memory: torch.Tensor, shapes: list[list[int]], nhead: int) -> li
     return [v.reshape(b * nhead, c // nhead, h, w) for v, (h, w) in zip(levels, shapes)]
 
 
+SAMPLERS = ("grid_sample", "gather")
+
+
+def bilinear_gather(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """`F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)` from gathers only.
+
+    For runtimes without a GridSample operator (TFLite, EdgeTPU, RKNN, some NPUs): the four neighbours of every point
+    are read with `torch.gather` from the flattened map and blended with the bilinear weights; a neighbour outside the
+    map contributes 0, as grid_sample's zero padding.
+
+    Args:
+        value (torch.Tensor): (N, D, H, W) feature maps.
+        grid (torch.Tensor): (N, Q, P, 2) sampling points, x then y, in [-1, 1] (pixel edges at -1 and 1).
+
+    Returns:
+        (torch.Tensor): (N, D, Q, P) sampled features.
+    """
+    n, d, h, w = value.shape
+    _, q, p, _ = grid.shape
+    x = ((grid[..., 0] + 1) * w - 1) / 2  # (N, Q, P) pixel coordinates, centres at integers
+    y = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = x.floor(), y.floor()
+    flat = value.flatten(2)  # (N, D, H * W)
+    out = value.new_zeros(n, d, q * p)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xi, yi = x0 + dx, y0 + dy
+        weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+        inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().reshape(n, 1, q * p).expand(n, d, q * p)
+        out = out + flat.gather(2, index) * (weight * inside).reshape(n, 1, q * p)
+    return out.reshape(n, d, q, p)
+
+
 def deformable_sample(
     value: list[torch.Tensor],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     num_points: list[int],
+    sampler: str = "grid_sample",
 ) -> torch.Tensor:
     """Bilinearly sample every head's points and sum them with the attention weights.
 
@@ -46,6 +80,8 @@ def deformable_sample(
             ordered level by level.
         attention_weights (torch.Tensor): (B, Q, nhead, P) weights, softmax-normalised over P.
         num_points (list[int]): Points per level.
+        sampler (str): "grid_sample" (`F.grid_sample`) or "gather" (`bilinear_gather`, the same numbers without a
+            GridSample operator in exported graphs).
 
     Returns:
         (torch.Tensor): (B, Q, nhead * D) attended features, head-major channels.
@@ -53,8 +89,10 @@ def deformable_sample(
     b, q, nhead, p, _ = sampling_locations.shape
     # grid_sample wants [-1, 1] coordinates with align_corners=False (pixel edges at -1 and 1).
     grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (B * nhead, Q, P, 2)
-    samples = [
-        F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B * nhead, D, Q, P_l)
+    samples = [  # each (B * nhead, D, Q, P_l)
+        F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if sampler == "grid_sample"
+        else bilinear_gather(v, g)
         for v, g in zip(value, grids.split(num_points, dim=2))
     ]
     weights = attention_weights.transpose(1, 2).reshape(b * nhead, 1, q, p)
@@ -72,7 +110,10 @@ class MSDeformableAttention(nn.Module):
         sampling_offsets (nn.Linear): hidden -> nhead * P * 2 raw offsets.
         attention_weights (nn.Linear): hidden -> nhead * P attention logits.
         num_points_scale (torch.Tensor): (P,) buffer, 1 / points_of_level for each point.
+        sampler (str): how points are sampled, one of SAMPLERS (set for export by `DEIM.export(sampler=...)`).
     """
+
+    sampler: str = "grid_sample"
 
     def __init__(self, hidden_dim: int, nhead: int, num_points: list[int], offset_scale: float = 0.5):
         """Create the attention.
@@ -124,4 +165,4 @@ class MSDeformableAttention(nn.Module):
         scale = self.num_points_scale.to(query.dtype)[:, None]  # (P, 1)
         ref = reference[:, :, None, None]  # (B, Q, 1, 1, 4)
         locations = ref[..., :2] + offsets * scale * ref[..., 2:] * self.offset_scale
-        return deformable_sample(value, locations, weights, self.num_points)
+        return deformable_sample(value, locations, weights, self.num_points, self.sampler)

@@ -1,0 +1,105 @@
+"""ONNX export: one dynamic-batch graph equal to PyTorch, the same mAP, float16-safe constants, a GridSample-free
+variant with the same numbers."""
+
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from scipy.optimize import linear_sum_assignment
+
+from deim_ultra import DEIM
+from deim_ultra.data.synthetic import make_synthetic_dataset
+
+IMGSZ = 96
+
+
+@pytest.fixture(scope="module")
+def easy_data(tmp_path_factory) -> Path:
+    """One class, 1-2 large shapes per 96-px image: a set DEIM-N from scratch detects something on within minutes."""
+    root = tmp_path_factory.mktemp("easy")
+    return make_synthetic_dataset(root, n_train=16, n_val=4, imgsz=IMGSZ, nc=1, max_objects=2, min_size=30, max_size=60)
+
+
+@pytest.fixture(scope="module")
+def trained(easy_data, tmp_path_factory) -> Path:
+    """best.pt of DEIM-N trained 12 epochs on `easy_data` (a non-zero mAP to compare, distinct scores)."""
+    project = tmp_path_factory.mktemp("export")
+    settings = dict(epochs=12, imgsz=IMGSZ, batch=4, workers=0, plots=False, policy_epochs=[1, 2, 10], warmup_iters=1)
+    DEIM("deim-n.yaml").train(
+        data=str(easy_data), project=str(project), name="run", lr0=2e-3, backbone_lr=1e-3, seed=0, **settings
+    )
+    return project / "run" / "weights" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def exports(trained, tmp_path_factory) -> dict[str, Path]:
+    """Dynamic-batch exports of `trained`, with the default sampler and with `sampler="gather"`."""
+    out = {}
+    for sampler in ("grid_sample", "gather"):
+        folder = tmp_path_factory.mktemp(sampler)
+        weights = folder / "best.pt"
+        weights.write_bytes(trained.read_bytes())
+        out[sampler] = Path(DEIM(weights).export(format="onnx", imgsz=IMGSZ, dynamic=True, sampler=sampler))
+    return out
+
+
+def images(easy_data: Path, n: int) -> np.ndarray:
+    """(n, 3, IMGSZ, IMGSZ) float32 RGB val images in [0, 1] (the set's images are IMGSZ square already)."""
+    files = sorted((easy_data.parent / "images" / "val").glob("*.png"))[:n]
+    return np.stack([cv2.imread(str(f))[..., ::-1].transpose(2, 0, 1) / 255 for f in files]).astype(np.float32)
+
+
+def matched_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference of box and score between two (Q, 6) [cx, cy, w, h, score, class] sets, after pairing each
+    detection with one of the other set of the same class (optimal assignment on the largest coordinate gap)."""
+    cost = np.abs(a[:, None, :5] - b[None, :, :5]).max(-1) + 1e3 * (a[:, None, 5] != b[None, :, 5])
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].max())
+
+
+def test_one_dynamic_batch_export_matches_pytorch_for_batch_1_and_3(trained, exports, easy_data):
+    session = ort.InferenceSession(str(exports["grid_sample"]), providers=["CPUExecutionProvider"])
+    model = DEIM(trained).model.float().eval()
+    for n in (1, 3):
+        x = images(easy_data, n)
+        onnx_out = session.run(None, {"images": x})[0]
+        with torch.no_grad():
+            torch_out = model(torch.from_numpy(x))[0].numpy()
+        assert onnx_out.shape == torch_out.shape and onnx_out.shape[0] == n
+        for i in range(n):
+            assert matched_difference(onnx_out[i], torch_out[i]) <= 1e-4
+
+
+def test_onnx_validates_to_the_pytorch_map(trained, exports, easy_data, tmp_path):
+    settings = dict(data=str(easy_data), imgsz=IMGSZ, batch=2, project=str(tmp_path), plots=False)
+    pytorch = DEIM(trained).val(name="pt", **settings).box
+    exported = DEIM(exports["grid_sample"]).val(name="onnx", **settings).box
+    assert pytorch.map50 > 0
+    assert abs(exported.map - pytorch.map) <= 0.001 and abs(exported.map50 - pytorch.map50) <= 0.001
+
+
+def test_exported_constants_fit_float16(exports):
+    """No +inf anchor masking (the authors' export has one) and no constant beyond float16's range."""
+    for path in exports.values():
+        for tensor in onnx.load(str(path)).graph.initializer:
+            value = numpy_helper.to_array(tensor)
+            if value.dtype.kind == "f" and value.size:
+                assert np.isfinite(value).all() and np.abs(value).max() <= 65504, tensor.name
+
+
+def test_gather_sampler_has_no_grid_sample_and_the_same_outputs(exports, easy_data):
+    ops = {k: Counter(n.op_type for n in onnx.load(str(p)).graph.node) for k, p in exports.items()}
+    assert ops["grid_sample"]["GridSample"] > 0 and ops["gather"]["GridSample"] == 0
+    x = images(easy_data, 2)
+    out = {
+        k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+        for k, p in exports.items()
+    }
+    for i in range(2):
+        assert matched_difference(out["gather"][i], out["grid_sample"][i]) <= 1e-5
