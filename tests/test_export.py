@@ -103,3 +103,29 @@ def test_gather_sampler_has_no_grid_sample_and_the_same_outputs(exports, easy_da
     }
     for i in range(2):
         assert matched_difference(out["gather"][i], out["grid_sample"][i]) <= 1e-5
+
+
+def test_openvino_export_matches_pytorch(trained, easy_data, tmp_path):
+    """Ultralytics' OpenVINO export of a DEIM model: the IR run at float32 equals PyTorch; `DEIM(folder)` predicts.
+
+    OpenVINO's CPU plugin runs at bfloat16 by default on CPUs with AVX512-BF16 (this one): Ultralytics' AutoBackend
+    keeps that default, so its outputs are compared to PyTorch's at bfloat16 tolerance only.
+    """
+    import openvino as ov
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(trained.read_bytes())
+    folder = Path(DEIM(weights).export(format="openvino", imgsz=IMGSZ))
+    core = ov.Core()
+    compiled = core.compile_model(
+        core.read_model(next(folder.glob("*.xml"))), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    model = DEIM(trained).model.float().eval()
+    x = images(easy_data, 1)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x))[0].numpy()
+    assert matched_difference(compiled(x)[0][0], reference[0]) <= 1e-4
+    image = str(sorted((easy_data.parent / "images" / "val").glob("*.png"))[0])
+    ours = DEIM(trained).predict(image, imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)[0].boxes
+    theirs = DEIM(folder).predict(image, imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)[0].boxes
+    assert len(theirs) == 5 and np.abs(theirs.conf.numpy() - ours.conf.numpy()).max() <= 0.05
