@@ -74,6 +74,26 @@ def test_one_dynamic_batch_export_matches_pytorch_for_batch_1_and_3(trained, exp
         assert onnx_out.shape == torch_out.shape and onnx_out.shape[0] == n
         for i in range(n):
             assert matched_difference(onnx_out[i], torch_out[i]) <= 1e-4
+    larger = np.ascontiguousarray(np.repeat(np.repeat(images(easy_data, 1), 2, 2), 2, 3))  # another input size
+    with torch.no_grad():
+        torch_out = model(torch.from_numpy(larger))[0].numpy()
+    onnx_out = session.run(None, {"images": larger})[0]
+    assert onnx_out.shape == torch_out.shape and matched_difference(onnx_out[0], torch_out[0]) <= 1e-4
+
+
+def test_half_precision_forward_stays_finite_and_close(trained, easy_data):
+    """What a float16 engine computes: the model in float16 gives finite outputs within float16 tolerance of float32.
+
+    (Ultralytics exports `half=True` ONNX / TensorRT on a GPU only; this runs the same arithmetic in PyTorch on CPU.)
+    """
+    model = DEIM(trained).model.float().eval()
+    x = torch.from_numpy(images(easy_data, 2))
+    with torch.no_grad():
+        full = model(x)[0].numpy()
+        half = model.half()(x.half())[0].float().numpy()
+    assert np.isfinite(half).all()
+    for i in range(2):
+        assert matched_difference(half[i], full[i]) <= 1e-2
 
 
 def test_onnx_validates_to_the_pytorch_map(trained, exports, easy_data, tmp_path):
