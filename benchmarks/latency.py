@@ -8,7 +8,8 @@ interleaved: `--rounds` rounds, each running every model `--runs` times in turn,
 prints the median ms per model and its ratio to our DEIM-N ONNX. ONNX Runtime and OpenVINO run on the CPU with
 `--threads` intra-op threads, OpenVINO at float32 precision (its CPU default is bfloat16 where the CPU has it).
 `--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export, grouped by part of
-the network. On a machine with CUDA it adds PyTorch fp16 rows; TensorRT engines are left to `format=engine` exports.
+the network. On a machine with CUDA it adds PyTorch fp16 rows (that path has not run yet: no GPU so far); TensorRT
+engines are left to `format=engine` exports.
 
     python benchmarks/latency.py --authors /tmp/authors_export/deim_n_640.onnx --profile
     python benchmarks/latency.py --models deim-n yolo26n --rounds 5

@@ -22,19 +22,12 @@ from torch import nn
 from ultralytics.utils import LOGGER
 
 
-def restore_buffers(model: nn.Module, reference: nn.Module) -> list[str]:
-    """Copy into `model` each floating buffer that is not finite there, from the same-named buffer of `reference`.
-
-    Returns:
-        The names of the restored buffers.
-    """
+def restore_buffers(model: nn.Module, reference: nn.Module) -> None:
+    """Copy into `model` each floating buffer that is not finite there, from the same-named buffer of `reference`."""
     source = dict(reference.named_buffers())
-    restored = []
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()) and name in source:
             buffer.copy_(source[name])
-            restored.append(name)
-    return restored
 
 
 class DivergedError(RuntimeError):
@@ -66,7 +59,7 @@ class NonFiniteSteps:
             loss: () the step's total loss.
             grad_norm: () total gradient norm before clipping, or None where the AMP scaler judges gradients.
             files: image files of the step's batch, named in the warning.
-            where: position for the message, e.g. "epoch 3, batch 17".
+            where: position for the message, e.g. "epoch 3".
         """
         bad_loss = not bool(torch.isfinite(loss).all())
         bad_grad = grad_norm is not None and not bool(torch.isfinite(grad_norm))

@@ -120,7 +120,7 @@ def image_kind(file: str) -> str | None:
         with Image.open(file) as im:
             mode, pixels = im.mode, im.width * im.height
             raw_modes = " ".join(str(tile.args) for tile in im.tile)  # PIL opens 16-bit RGB PNGs as "RGB;16B"
-    except OSError:
+    except (OSError, Image.DecompressionBombError):  # unreadable here: Ultralytics' scan reports such files
         return None
     if pixels > LARGE_IMAGE_PIXELS:
         return "large"

@@ -33,6 +33,9 @@ def anchor_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Proposal anchors of every level in logit space, and which lie inside the image.
 
+    Ultralytics' `RTDETRDecoder._generate_anchors` computes the same anchors but masks invalid ones with +inf inside,
+    which a dynamic-shape export keeps as a graph constant; hence this version with `INVALID_ANCHOR_LOGIT`.
+
     Each cell centre of level l gets a square anchor of side `grid_size * 2**l` (normalised); anchors with any
     coordinate outside (eps, 1 - eps) are invalid and get `INVALID_ANCHOR_LOGIT`.
 
