@@ -53,17 +53,22 @@ def is_trusted_global(name: str) -> bool:
     return isinstance(obj, type) and issubclass(obj, nn.Module)
 
 
-def untrusted_globals(path: str | Path) -> list[str]:
-    """The globals the pickle of checkpoint `path` references that `is_trusted_global` rejects, read without running it.
+def pickled_globals(path: str | Path) -> list[str]:
+    """The globals beyond torch's weights-only allow-list that the pickle of checkpoint `path` references, read
+    without running it.
 
     Raises:
         ValueError: When `path` is not a zip-format PyTorch checkpoint.
     """
     try:
-        names = get_unsafe_globals_in_checkpoint(str(path))
+        return get_unsafe_globals_in_checkpoint(str(path))
     except Exception as e:  # not a zip archive, no data.pkl, a corrupt pickle stream
         raise ValueError(f"'{path}' is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    return sorted(n for n in names if not is_trusted_global(n))
+
+
+def untrusted_globals(path: str | Path) -> list[str]:
+    """The globals of `pickled_globals(path)` that `is_trusted_global` rejects (a `.pt` may name module classes)."""
+    return sorted(n for n in pickled_globals(path) if not is_trusted_global(n))
 
 
 def check_checkpoint(path: str | Path) -> None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.serialization import get_unsafe_globals_in_checkpoint
 
-from deim_ultra.checkpoint_safety import UnsafeCheckpointError
+from deim_ultra.checkpoint_safety import UnsafeCheckpointError, pickled_globals
 
 
-def pickled_globals(path: Path) -> list[str]:
-    """Globals beyond torch's weights-only allow-list that the pickle of `path` names ([] for an unreadable file)."""
+def refused_globals(path: Path) -> list[str]:
+    """What a weights-only load of `path` refuses: every global its pickle names beyond torch's allow-list, since a
+    weights file holds tensors only ([] for a file that is not a checkpoint; the caller reports it as unreadable)."""
     try:
-        return get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # not a zip-format checkpoint: the caller reports it as unreadable
+        return pickled_globals(path)
+    except ValueError:
         return []
 
 
@@ -32,7 +32,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises unpickling, zip and runtime errors alike for a bad file
-        names = pickled_globals(path)
+        names = refused_globals(path)
         if names:  # weights_only refused them before calling any
             raise UnsafeCheckpointError(
                 f"'{path}' refused: a weights file holds tensors only, but its pickle names {', '.join(names)}, which "
