@@ -12,8 +12,9 @@ Rows (select with --rows; seeds with --seeds):
 Writes in --out: `convergence.csv` (row, seed, epoch, mAP50-95, mAP50, seconds per training iteration) and
 `convergence.png` (mean per epoch with a min-max band over seeds), and prints final mAP per row, seconds per
 iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE baseline's mean final mAP. With
-`--reference` (the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
-mAP50-95), their band is drawn too and DEIM's distance from it from epoch 20 on is printed.
+`--reference` (CSVs of the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
+mAP50-95), their band is drawn too, and the distance from it from epoch 20 on is printed for each DEIM seed, for
+DEIM's mean and, with 3 or more authors' seeds, for each authors' seed against the band of the others.
 
     python benchmarks/convergence.py --quick                      # all rows; a, b, f x seeds 0 1 took 53 min on 2 CPUs
     python benchmarks/convergence.py --quick --rows a f --seeds 0   # a subset
@@ -128,15 +129,23 @@ def by_row(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
     return table
 
 
-def read_reference(path: Path | None) -> dict[int, list[float]]:
-    """The authors' curves: epoch -> mAP50-95 of every seed ({} without a file)."""
-    if path is None:
-        return {}
-    curves: dict[int, list[float]] = {}
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            curves.setdefault(int(r["epoch"]), []).append(float(r["mAP50-95"]))
+def read_reference(paths: list[Path] | None) -> dict[int, dict[int, float]]:
+    """The authors' curves from one or more CSVs (seed, epoch, mAP50-95): seed -> epoch -> mAP50-95."""
+    curves: dict[int, dict[int, float]] = {}
+    for path in paths or []:
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                curves.setdefault(int(r["seed"]), {})[int(r["epoch"])] = float(r["mAP50-95"])
     return curves
+
+
+def band(curves: dict[int, dict[int, float]]) -> dict[int, list[float]]:
+    """epoch -> mAP50-95 of every seed in `curves`."""
+    table: dict[int, list[float]] = {}
+    for curve in curves.values():
+        for epoch, value in curve.items():
+            table.setdefault(epoch, []).append(value)
+    return table
 
 
 def band_gap(value: float, band: list[float]) -> float:
@@ -144,8 +153,17 @@ def band_gap(value: float, band: list[float]) -> float:
     return max(min(band) - value, value - max(band), 0.0)
 
 
-def summarise(rows: list[dict], reference: dict[int, list[float]]) -> None:
-    """Print final mAP (mean and range over seeds), seconds per iteration, and DEIM's epochs to the baseline's final."""
+def largest_gap(curve: dict[int, float], reference: dict[int, list[float]], first: int = 20) -> tuple[float, int]:
+    """The largest `band_gap` of `curve` from epoch `first` on, and its epoch."""
+    gaps = {e: band_gap(v, reference[e]) for e, v in curve.items() if e >= first and e in reference}
+    worst = max(gaps, key=gaps.get)
+    return gaps[worst], worst
+
+
+def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
+    """Print final mAP (mean and range over seeds), seconds per iteration, DEIM's distance from the authors' band
+    per seed (and, for calibration, each authors' seed's distance from the band of their other seeds), and DEIM's
+    epochs to the baseline's final."""
     table = by_row(rows)
     for row, epochs in table.items():
         final = epochs[max(epochs)]
@@ -155,11 +173,21 @@ def summarise(rows: list[dict], reference: dict[int, list[float]]) -> None:
             f"{max(final):.3f}, {len(final)} seed(s)), {speed:.3f} s/iteration"
         )
     if reference and "a" in table:
-        gaps = {
-            e: band_gap(statistics.mean(table["a"][e]), reference[e]) for e in table["a"] if e >= 20 and e in reference
-        }
-        worst = max(gaps, key=gaps.get)
-        print(f"DEIM's mean vs the authors' band, epochs 20+: largest gap {gaps[worst]:.3f} at epoch {worst}")
+        authors = band(reference)
+        seeds = sorted({r["seed"] for r in rows if r["row"] == "a"})
+        for seed in seeds:
+            curve = {r["epoch"]: r["map"] for r in rows if r["row"] == "a" and r["seed"] == seed}
+            gap, epoch = largest_gap(curve, authors)
+            print(f"DEIM seed {seed} vs the authors' band ({len(reference)} seeds), epochs 20+: largest gap {gap:.3f} "
+                  f"at epoch {epoch}, final {curve[max(curve)]:.3f}")  # fmt: skip
+        mean = {e: statistics.mean(v) for e, v in table["a"].items()}
+        gap, epoch = largest_gap(mean, authors)
+        print(f"DEIM's mean vs the authors' band, epochs 20+: largest gap {gap:.3f} at epoch {epoch}")
+        for seed, curve in sorted(reference.items()) if len(reference) > 2 else ():
+            others = band({s: c for s, c in reference.items() if s != seed})
+            gap, epoch = largest_gap(curve, others)
+            print(f"authors' seed {seed} vs the band of their other {len(reference) - 1} seeds, epochs 20+: largest "
+                  f"gap {gap:.3f} at epoch {epoch}, final {curve[max(curve)]:.3f}")  # fmt: skip
     if "a" in table and "b" in table:
         target = statistics.mean(table["b"][max(table["b"])])
         reached = next((e for e in sorted(table["a"]) if statistics.mean(table["a"][e]) >= target), None)
@@ -168,9 +196,10 @@ def summarise(rows: list[dict], reference: dict[int, list[float]]) -> None:
         )
 
 
-def plot(rows: list[dict], reference: dict[int, list[float]], title: str, path: Path) -> None:
+def plot(rows: list[dict], curves: dict[int, dict[int, float]], title: str, path: Path) -> None:
     """Mean mAP50-95 per epoch of each row, with a band from the lowest to the highest seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    reference = band(curves)
     if reference:
         x = sorted(reference)
         ax.fill_between(x, [min(reference[e]) for e in x], [max(reference[e]) for e in x], color="grey", alpha=0.25)
@@ -204,7 +233,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
     parser.add_argument("--from-csv", type=Path, nargs="+", help="only summarise and redraw from earlier CSVs")
-    parser.add_argument("--reference", type=Path, help="the authors' per-epoch curves (seed, epoch, mAP50-95)")
+    parser.add_argument(
+        "--reference", type=Path, nargs="+", help="CSVs of the authors' per-epoch curves (seed, epoch, mAP50-95)"
+    )
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
