@@ -154,8 +154,10 @@ def band_gap(value: float, band: list[float]) -> float:
 
 
 def largest_gap(curve: dict[int, float], reference: dict[int, list[float]], first: int = 20) -> tuple[float, int]:
-    """The largest `band_gap` of `curve` from epoch `first` on, and its epoch."""
+    """The largest `band_gap` of `curve` from epoch `first` on, and its epoch ((0.0, -1) when no epoch is shared)."""
     gaps = {e: band_gap(v, reference[e]) for e, v in curve.items() if e >= first and e in reference}
+    if not gaps:
+        return 0.0, -1
     worst = max(gaps, key=gaps.get)
     return gaps[worst], worst
 
