@@ -14,7 +14,8 @@ Writes in --out: `convergence.csv` (row, seed, epoch, mAP50-95, mAP50, seconds p
 iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE baseline's mean final mAP. With
 `--reference` (CSVs of the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
 mAP50-95), their band is drawn too, and the distance from it from epoch 20 on is printed for each DEIM seed, for
-DEIM's mean and, with 3 or more authors' seeds, for each authors' seed against the band of the others.
+DEIM's mean and, with 3 or more authors' seeds, for each authors' seed against the band of the others; with 2 or
+more seeds on both sides, the difference of the means per epoch with Welch's p-value.
 
     python benchmarks/convergence.py --quick                      # all rows; a, b, f x seeds 0 1 took 53 min on 2 CPUs
     python benchmarks/convergence.py --quick --rows a f --seeds 0   # a subset
@@ -36,6 +37,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from scipy.stats import ttest_ind  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
@@ -162,10 +164,17 @@ def largest_gap(curve: dict[int, float], reference: dict[int, list[float]], firs
     return gaps[worst], worst
 
 
+def mean_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]) -> dict[int, tuple[float, float]]:
+    """epoch -> (mean of `ours` - mean of `theirs`, Welch's two-sided p-value) where both have 2 or more seeds."""
+    shared = [e for e in sorted(ours) if e in theirs and min(len(ours[e]), len(theirs[e])) > 1]
+    welch = {e: ttest_ind(ours[e], theirs[e], equal_var=False).pvalue for e in shared}
+    return {e: (statistics.mean(ours[e]) - statistics.mean(theirs[e]), welch[e]) for e in shared}
+
+
 def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
     """Print final mAP (mean and range over seeds), seconds per iteration, DEIM's distance from the authors' band
-    per seed (and, for calibration, each authors' seed's distance from the band of their other seeds), and DEIM's
-    epochs to the baseline's final."""
+    per seed (and, for calibration, each authors' seed's distance from the band of their other seeds), the difference
+    of the two means per epoch with its Welch p-value, and DEIM's epochs to the baseline's final."""
     table = by_row(rows)
     for row, epochs in table.items():
         final = epochs[max(epochs)]
@@ -185,6 +194,14 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
         mean = {e: statistics.mean(v) for e, v in table["a"].items()}
         gap, epoch = largest_gap(mean, authors)
         print(f"DEIM's mean vs the authors' band, epochs 20+: largest gap {gap:.3f} at epoch {epoch}")
+        differences = mean_difference(table["a"], authors)
+        for epoch, (difference, p) in differences.items():
+            if epoch >= 20:
+                print(f"epoch {epoch}: DEIM's mean - the authors' mean {difference:+.3f} (Welch p = {p:.2f})")
+        if differences:
+            epoch = min(differences, key=lambda e: differences[e][1])
+            difference, p = differences[epoch]
+            print(f"smallest p of {len(differences)} epochs: epoch {epoch}, {difference:+.3f} (p = {p:.2f})")
         for seed, curve in sorted(reference.items()) if len(reference) > 2 else ():
             others = band({s: c for s, c in reference.items() if s != seed})
             gap, epoch = largest_gap(curve, others)
