@@ -119,7 +119,8 @@ def test_fresh_anchor_buffers_match_official(parity_fixture: dict):
 
 
 def test_off_image_anchors_are_finite_logits_with_the_sigmoid_of_ultralytics_inf():
-    # At 640 px the stride-8 level has cells within eps of the border: Ultralytics' generator marks them +inf.
+    # At 640 px the stride-8 level of S-X (N has none) has cells within eps of the border, which Ultralytics'
+    # generator marks +inf.
     shapes = [[80, 80], [40, 40], [20, 20]]
     theirs, their_valid = RTDETRDecoder._generate_anchors(shapes, torch.zeros(1), grid_size=0.05)
     ours, valid = anchor_logits(shapes, torch.zeros(1))
