@@ -4,8 +4,9 @@ An Ultralytics `.pt` checkpoint pickles whole `nn.Module` objects, so Ultralytic
 `torch.load(weights_only=False)`: any callable the file names (`os.system`, `builtins.exec`, ...) would run. Before
 such a load, `check_checkpoint` lists the globals the file references beyond torch's weights-only allow-list
 (`torch.serialization.get_unsafe_globals_in_checkpoint`, which reads the pickle without executing it) and accepts only
-`nn.Module` classes of torch, Ultralytics and deim-ultra plus the few plain types Ultralytics stores. Official `.pth`
-files hold tensors only and are read with `weights_only=True` (`deim_ultra.weights.read_checkpoint`).
+`nn.Module` classes of torch, torchvision (FrozenBatchNorm2d, under `freeze_norm`), Ultralytics and deim-ultra plus
+the few plain types Ultralytics stores. Official `.pth` files hold tensors only and are read with `weights_only=True`
+(`deim_ultra.weights.read_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from torch import nn
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
-MODULE_PACKAGES = ("torch", "ultralytics", "deim_ultra")
+MODULE_PACKAGES = ("torch", "torchvision", "ultralytics", "deim_ultra")
 PLAIN_TYPES = {  # what Ultralytics' checkpoints hold besides modules and tensors (arguments, metrics)
     "ultralytics.utils.IterableSimpleNamespace",
     "types.SimpleNamespace",
@@ -37,7 +38,7 @@ class UnsafeCheckpointError(ValueError):
 
 
 def is_trusted_global(name: str) -> bool:
-    """Whether a pickled global "module.Name" is a plain type or an nn.Module class of torch/Ultralytics/deim-ultra.
+    """Whether a pickled global "module.Name" is a plain type or an nn.Module class of MODULE_PACKAGES.
 
     Only modules of those installed packages are imported to check, so the check itself runs no code of the file.
     """

@@ -9,6 +9,7 @@ Mapped (the Ultralytics key keeps its meaning, DEIM's pipeline honours it):
     momentum      AdamW's beta1 (recipe: 0.9, the authors' betas (0.9, 0.999))
     multi_scale   DEIM's multi-scale range as a fraction of imgsz (recipe: 0.25 for S..X, 0 for N), see
                   `deim_ultra.schedule.multiscale_sizes`
+    freeze        Ultralytics' layer freezing; recipes l and x default to [0], the stem (the authors' freeze_at: 0)
     batch         -1 or a fraction runs Ultralytics' AutoBatch; weight decay is never rescaled (nbs follows batch)
     time          Ultralytics re-estimates epochs from the epoch time; the policy epochs are rescaled with it
 Fixed by the recipe (another value is refused): optimizer, warmup_epochs, close_mosaic, nbs (no accumulation).
@@ -27,6 +28,8 @@ from deim_ultra.schedule import RECIPES
 
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
 FIXED = {"optimizer": "AdamW", "warmup_epochs": 0, "close_mosaic": 0}
+# Every DEIM and Ultralytics RT-DETR YAML starts with the backbone's stem; Ultralytics' `freeze` takes layer indices.
+STEM_LAYER = 0
 # The DEIM multi-scale range at which 640 gives the authors' sizes 480 ... 800.
 MULTI_SCALE = 0.25
 _AUGMENT = "DEIM's augmentation is mosaic, mixup, photometric distortion, zoom-out, IoU crop and flip"
@@ -121,6 +124,8 @@ def recipe_overrides(overrides: dict) -> dict:
         "ema_decay": r.ema_decay,
         "ema_tau": r.ema_tau,
         "clip_max_norm": r.clip_max_norm,
+        "freeze_norm": r.freeze_norm,
+        **({"freeze": [STEM_LAYER]} if r.freeze_stem else {}),
         # One optimizer step per batch, weight decay as given; AutoBatch sizes are set in the trainer.
         "nbs": batch if batch >= 1 else r.batch,
     }

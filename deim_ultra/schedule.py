@@ -33,6 +33,8 @@ class Recipe:
         ema_decay (float): EMA decay once warmed up.
         ema_tau (float): EMA warmup constant in updates, see `ema_decay`.
         clip_max_norm (float): Gradient clipping max norm.
+        freeze_stem (bool): Keep the backbone stem's weights fixed (the authors' `freeze_at: 0` for L and X).
+        freeze_norm (bool): Backbone BatchNorm as fixed statistics and affine (the authors' `freeze_norm`).
     """
 
     epochs: int
@@ -47,14 +49,16 @@ class Recipe:
     ema_decay: float = 0.9999
     ema_tau: float = 1000.0
     clip_max_norm: float = 0.1
+    freeze_stem: bool = False
+    freeze_norm: bool = False
 
 
 RECIPES: dict[str, Recipe] = {
     "n": Recipe(160, (4, 78, 148), 8e-4, 4e-4, 1e-4, 128, 1.0, None),
     "s": Recipe(132, (4, 64, 120), 4e-4, 2e-4, 1e-4, 32, 0.5, 20),
     "m": Recipe(102, (4, 49, 90), 4e-4, 4e-5, 1e-4, 32, 0.5, 6),
-    "l": Recipe(58, (4, 29, 50), 5e-4, 2.5e-5, 1.25e-4, 32, 0.5, 4),
-    "x": Recipe(58, (4, 29, 50), 5e-4, 5e-6, 1.25e-4, 32, 0.5, 3),
+    "l": Recipe(58, (4, 29, 50), 5e-4, 2.5e-5, 1.25e-4, 32, 0.5, 4, freeze_stem=True, freeze_norm=True),
+    "x": Recipe(58, (4, 29, 50), 5e-4, 5e-6, 1.25e-4, 32, 0.5, 3, freeze_stem=True, freeze_norm=True),
 }
 
 

@@ -33,6 +33,7 @@ from deim_ultra.data.audit import LabelAudit, check_training_set, with_one_based
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
+from deim_ultra.nn.frozen_norm import freeze_batchnorm
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.nonfinite import NonFiniteSteps, restore_buffers
@@ -168,7 +169,15 @@ class DEIMTrainer(RTDETRTrainer):
             report_class_count_change(weights, model)
         elif isinstance(model, DEIMDetectionModel):
             self.init_backbone(model)
+        if self.args.freeze_norm:
+            self.freeze_backbone_norm(model)
         return model
+
+    @staticmethod
+    def freeze_backbone_norm(model: nn.Module) -> None:
+        """`freeze_norm`: the backbone's BatchNorm layers become frozen ones, after the weights they start from."""
+        frozen = sum(freeze_batchnorm(m) for m in backbone_modules(model))
+        LOGGER.info(f"freeze_norm: {frozen} backbone BatchNorm layers frozen (fixed statistics and affine)")
 
     def init_backbone(self, model: DEIMDetectionModel) -> None:
         """Load the ImageNet HGNetv2 weights that `pretrained` asks for (see `deim_ultra.backbone_weights`)."""

@@ -19,7 +19,8 @@ for cross-checking only). LAB (learnable affine after each activation) is used b
     B5       (3, 32, 64)          (64, 64, 128, 1, F, F, 3, 6)    (128, 128, 512, 2, T, F, 3, 6)
              use_lab=False        (512, 256, 1024, 5, T, T, 5, 6) (1024, 512, 2048, 2, T, T, 5, 6)
 
-Output strides: stem 4, stages 4, 8, 16, 32. BatchNorm is never frozen (DEIM trains the backbone's BN).
+Output strides: stem 4, stages 4, 8, 16, 32. The layers hold plain BatchNorm; recipes l and x train with it frozen
+(`freeze_norm`, see `deim_ultra.nn.frozen_norm`).
 """
 
 from __future__ import annotations
