@@ -26,7 +26,7 @@ from ultralytics.utils.patches import override_configs
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
 from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
-from deim_ultra.cfg import DEIM_CFG_DICT, ultralytics_args
+from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, ultralytics_args
 from deim_ultra.checkpoint_io import publish, strip_atomically
 from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.data.audit import LabelAudit, check_training_set, with_one_based_hint
@@ -154,6 +154,14 @@ class DEIMTrainer(RTDETRTrainer):
         for event, callback in callbacks:
             if callback not in self.callbacks[event]:
                 self.add_callback(event, callback)
+
+    def check_resume(self, overrides: dict) -> None:
+        """Ultralytics' resume, then every DEIM setting the checkpoint predates at its default, so a run saved by an
+        earlier deim-ultra resumes as it was started (Ultralytics rebuilds the settings from its own defaults only)."""
+        super().check_resume(overrides)
+        for key, value in DEIM_DEFAULTS.items():
+            if key not in vars(self.args):
+                setattr(self.args, key, value)
 
     @property
     def recipe_active(self) -> bool:

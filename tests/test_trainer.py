@@ -127,6 +127,28 @@ def test_resume_mid_dense_o2o(full_run, data, tmp_path):
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in full])
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting(tiny_data, tmp_path):
+    """A last.pt written before a DEIM setting existed (here `freeze_norm`) resumes with that setting at its default."""
+    model = DEIM("deim-n.yaml")
+
+    def stop_after_first_epoch(trainer):
+        if trainer.epoch == 0:
+            raise Interrupt
+
+    model.add_callback("on_fit_epoch_end", stop_after_first_epoch)
+    with pytest.raises(Interrupt):
+        model.train(data=str(tiny_data), project=str(tmp_path), name="run", epochs=2, imgsz=64, batch=4, workers=0)
+    last = tmp_path / "run" / "weights" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    del ckpt["train_args"]["freeze_norm"]  # as deim-ultra versions before the setting saved it
+    torch.save(ckpt, last)
+
+    resumed = DEIM(last)
+    resumed.train(resume=True)
+    assert [r["epoch"] for r in results(tmp_path / "run")] == [1, 2]
+    assert resumed.trainer.args.freeze_norm is None
+
+
 KILLED_MID_EPOCH = textwrap.dedent(
     """
     import json, os, signal, sys
