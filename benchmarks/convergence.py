@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import statistics
 import time
@@ -168,11 +167,19 @@ def largest_gap(curve: dict[int, float], reference: dict[int, list[float]], firs
 def mean_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]) -> dict[int, tuple[float, float]]:
     """epoch -> (mean of `ours` - mean of `theirs`, Welch's two-sided p-value) where both have 2 or more seeds.
 
-    An epoch where both sides are constant (e.g. all 0.0 mAP) has no p-value and is left out."""
-    shared = [e for e in sorted(ours) if e in theirs and min(len(ours[e]), len(theirs[e])) > 1]
-    welch = {e: ttest_ind(ours[e], theirs[e], equal_var=False).pvalue for e in shared}
+    An epoch where both sides are constant (e.g. all 0.0 mAP) has no p-value and is left out: it is tested by value,
+    as scipy's rounding of a zero variance can return a spurious p instead of nan."""
+    shared = [
+        e
+        for e in sorted(ours)
+        if e in theirs and min(len(ours[e]), len(theirs[e])) > 1 and len(set(ours[e])) + len(set(theirs[e])) > 2
+    ]
     return {
-        e: (statistics.mean(ours[e]) - statistics.mean(theirs[e]), p) for e, p in welch.items() if not math.isnan(p)
+        e: (
+            statistics.mean(ours[e]) - statistics.mean(theirs[e]),
+            ttest_ind(ours[e], theirs[e], equal_var=False).pvalue,
+        )
+        for e in shared
     }
 
 
