@@ -281,7 +281,9 @@ def test_rtdetr_checkpoint_fine_tunes_with_the_deim_loss(data, tmp_path):
     assert trainer.args.lr0 == 5e-4 and trainer.args.backbone_lr == 2.5e-5  # the L recipe
     source, target = model.model.state_dict(), trained.state_dict()
     same = [k for k in source if k in target and source[k].shape == target[k].shape]
-    assert len(same) > 0.95 * len(source)
+    dropped = [k for k in source if k not in target]  # recipe l freezes the backbone's norms, which keep no counter
+    assert dropped and all(k.endswith("num_batches_tracked") for k in dropped)
+    assert len(same) > 0.95 * (len(source) - len(dropped))
     assert all(torch.equal(source[k].float(), target[k].float()) for k in same)
 
 
