@@ -48,6 +48,19 @@ def test_conflicting_settings_are_refused(settings, key, tiny_data, tmp_path):
         DEIMTrainer(overrides=dict(model="deim-n.yaml", data=str(tiny_data), project=str(tmp_path), **settings))
 
 
+@pytest.mark.parametrize(
+    ("size", "freeze", "freeze_norm"), [("n", None, False), ("s", None, False), ("l", [0], True), ("x", [0], True)]
+)
+def test_l_and_x_freeze_the_stem_and_the_backbone_norms_by_default(size, freeze, freeze_norm, tiny_data, tmp_path):
+    trainer = DEIMTrainer(overrides=dict(model=f"deim-{size}.yaml", data=str(tiny_data), project=str(tmp_path)))
+    assert trainer.args.freeze == freeze and trainer.args.freeze_norm is freeze_norm
+    chosen = DEIMTrainer(
+        overrides=dict(model=f"deim-{size}.yaml", data=str(tiny_data), project=str(tmp_path / "own"), freeze=None,
+                       freeze_norm=False)
+    )  # fmt: skip
+    assert chosen.args.freeze is None and chosen.args.freeze_norm is False  # the user's choice wins
+
+
 def test_ultralytics_defaults_given_explicitly_are_accepted(tiny_data, tmp_path):
     explicit = dict(hsv_h=0.015, degrees=0.0, cos_lr=False, scale=0.5)  # Ultralytics' own defaults: nothing asked
     trainer = DEIMTrainer(overrides=dict(model="deim-n.yaml", data=str(tiny_data), project=str(tmp_path), **explicit))
