@@ -39,6 +39,7 @@ from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.nonfinite import NonFiniteSteps, restore_buffers
 from deim_ultra.official_names import official_namer
 from deim_ultra.optim import build_adamw, official_param_groups, param_groups
+from deim_ultra.random_streams import untouched_random_streams
 from deim_ultra.recipe_settings import recipe_overrides
 from deim_ultra.schedule import (
     RECIPES,
@@ -259,6 +260,12 @@ class DEIMTrainer(RTDETRTrainer):
         return RTDETRValidator(
             self.test_loader, save_dir=self.save_dir, args=copy(ultralytics_args(self.args)), _callbacks=self.callbacks
         )
+
+    def validate(self):
+        """Ultralytics' validation, leaving the global random streams to the training data (see
+        `deim_ultra.random_streams`): with a fixed seed, a run trains on the same batches whatever `val` is."""
+        with untouched_random_streams(self.device):
+            return super().validate()
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         """AdamW with DEIM's parameter groups and `momentum` as beta1 under a recipe; Ultralytics' choice otherwise."""

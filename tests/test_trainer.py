@@ -302,3 +302,21 @@ def test_tail_restarts_from_the_best_epoch_before_it(full_run):
     same = [all(torch.equal(states[e][k], v) for k, v in saved["ema"].items()) for e in (6, 7)]
     assert same[0]
     assert same[1] == restore_before(7, maps, POLICY[2])
+
+
+def test_validation_leaves_the_training_batches_alone(tiny_data, tmp_path):
+    """With a fixed seed, a run that validates after every epoch trains on the same batches as one that does not.
+
+    On CPU the augmentations draw from the process's global random streams, which validation also draws from (one
+    colour-order coin per val image in Ultralytics' Format); that would change every flip of the second epoch.
+    """
+    settings = dict(epochs=2, imgsz=64, batch=4, workers=0, policy_epochs=[1, 1, 2], warmup_iters=1, plots=False)
+    losses = {}
+    for val in (True, False):
+        DEIM("deim-n.yaml").train(
+            data=str(tiny_data), project=str(tmp_path), name=f"val_{val}", seed=0, val=val, **settings
+        )
+        rows = results(tmp_path / f"val_{val}")
+        losses[val] = [{k: v for k, v in row.items() if k.startswith("train/")} for row in rows]
+    assert len(losses[True]) == 2
+    assert losses[True] == losses[False]
