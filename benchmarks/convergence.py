@@ -155,13 +155,15 @@ def band_gap(value: float, band: list[float]) -> float:
     return max(min(band) - value, value - max(band), 0.0)
 
 
-def largest_gap(curve: dict[int, float], reference: dict[int, list[float]], first: int = 20) -> tuple[float, int]:
-    """The largest `band_gap` of `curve` from epoch `first` on, and its epoch ((0.0, -1) when no epoch is shared)."""
+def largest_gap(curve: dict[int, float], reference: dict[int, list[float]], first: int = 20) -> tuple[float, int, str]:
+    """The largest `band_gap` of `curve` from epoch `first` on, its epoch and the side of the band it lies on
+    ("below" or "above"; "inside" when the curve never leaves the band; (0.0, -1, "inside") when no epoch is shared)."""
     gaps = {e: band_gap(v, reference[e]) for e, v in curve.items() if e >= first and e in reference}
     if not gaps:
-        return 0.0, -1
+        return 0.0, -1, "inside"
     worst = max(gaps, key=gaps.get)
-    return gaps[worst], worst
+    side = "inside" if gaps[worst] == 0 else "below" if curve[worst] < min(reference[worst]) else "above"
+    return gaps[worst], worst, side
 
 
 def mean_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]) -> dict[int, tuple[float, float]]:
@@ -200,12 +202,12 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
         seeds = sorted({r["seed"] for r in rows if r["row"] == "a"})
         for seed in seeds:
             curve = {r["epoch"]: r["map"] for r in rows if r["row"] == "a" and r["seed"] == seed}
-            gap, epoch = largest_gap(curve, authors)
+            gap, epoch, side = largest_gap(curve, authors)
             print(f"DEIM seed {seed} vs the authors' band ({len(reference)} seeds), epochs 20+: largest gap {gap:.3f} "
-                  f"at epoch {epoch}, final {curve[max(curve)]:.3f}")  # fmt: skip
+                  f"at epoch {epoch} ({side}), final {curve[max(curve)]:.3f}")  # fmt: skip
         mean = {e: statistics.mean(v) for e, v in table["a"].items()}
-        gap, epoch = largest_gap(mean, authors)
-        print(f"DEIM's mean vs the authors' band, epochs 20+: largest gap {gap:.3f} at epoch {epoch}")
+        gap, epoch, side = largest_gap(mean, authors)
+        print(f"DEIM's mean vs the authors' band, epochs 20+: largest gap {gap:.3f} at epoch {epoch} ({side})")
         differences = mean_difference(table["a"], authors)
         for epoch, (difference, p) in differences.items():
             if epoch >= 20:
@@ -216,9 +218,9 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
             print(f"smallest p of {len(differences)} epochs: epoch {epoch}, {difference:+.3f} (p = {p:.2f})")
         for seed, curve in sorted(reference.items()) if len(reference) > 2 else ():
             others = band({s: c for s, c in reference.items() if s != seed})
-            gap, epoch = largest_gap(curve, others)
+            gap, epoch, side = largest_gap(curve, others)
             print(f"authors' seed {seed} vs the band of their other {len(reference) - 1} seeds, epochs 20+: largest "
-                  f"gap {gap:.3f} at epoch {epoch}, final {curve[max(curve)]:.3f}")  # fmt: skip
+                  f"gap {gap:.3f} at epoch {epoch} ({side}), final {curve[max(curve)]:.3f}")  # fmt: skip
     if "a" in table and "b" in table:
         target = statistics.mean(table["b"][max(table["b"])])
         reached = next((e for e in sorted(table["a"]) if statistics.mean(table["a"][e]) >= target), None)

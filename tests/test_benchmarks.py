@@ -41,14 +41,18 @@ def test_summary_from_recorded_curves(tmp_path):
     # finals 0.32 and 0.47; s/iteration over both seeds' rows (0.5 x 3, 0.7 x 3)
     assert "final mAP50-95 mean 0.395 (range 0.320-0.470, 2 seed(s)), 0.600 s/iteration" in out
     # authors' band: epoch 20 [0.25, 0.35], epoch 21 [0.38, 0.45]
-    assert "DEIM seed 0 vs the authors' band (3 seeds), epochs 20+: largest gap 0.060 at epoch 21, final 0.320" in out
-    assert "DEIM seed 1 vs the authors' band (3 seeds), epochs 20+: largest gap 0.050 at epoch 20, final 0.470" in out
-    assert "DEIM's mean vs the authors' band, epochs 20+: largest gap 0.000" in out  # 0.30 and 0.395 lie inside
+    seed_line = "DEIM seed {} vs the authors' band (3 seeds), epochs 20+: largest gap {}"
+    assert seed_line.format(0, "0.060 at epoch 21 (below), final 0.320") in out
+    assert seed_line.format(1, "0.050 at epoch 20 (above), final 0.470") in out
+    # 0.30 and 0.395 lie inside
+    assert "DEIM's mean vs the authors' band, epochs 20+: largest gap 0.000 at epoch 20 (inside)" in out
     # means 0.30 v 0.30 (t = 0) at epoch 20, 0.395 v 0.41 at 21; epoch 19 is constant on both sides: no p-value
     assert "epoch 20: DEIM's mean - the authors' mean +0.000 (Welch p = 1.00)" in out
     assert "epoch 21: DEIM's mean - the authors' mean -0.015" in out
     assert "smallest p of 2 epochs: epoch 21, -0.015" in out
     # the authors' seed 0 against the band of seeds 1 and 2: epoch 20 [0.30, 0.35], epoch 21 [0.40, 0.45]
-    assert "authors' seed 0 vs the band of their other 2 seeds, epochs 20+: largest gap 0.050 at epoch 20" in out
+    assert (
+        "authors' seed 0 vs the band of their other 2 seeds, epochs 20+: largest gap 0.050 at epoch 20 (below)," in out
+    )
     assert "reaches the D-FINE baseline's final 0.350 at epoch 21 of 21" in out  # mean 0.30 at 20, 0.395 at 21
     assert (tmp_path / "convergence.png").stat().st_size > 0
