@@ -306,7 +306,8 @@ def main() -> None:
     plot(
         rows,
         reference,
-        f"{args.model} / yolo26n, {'dense shapes' if args.quick else args.data}",
+        f"{args.model}{' / yolo26n' if any(r['row'] == 'f' for r in rows) else ''}, "
+        f"{'dense shapes' if args.quick else args.data}",
         args.out / "convergence.png",
     )
     print(f"wrote {args.out / 'convergence.png'}" + ("" if args.from_csv else f" and {args.out / 'convergence.csv'}"))
