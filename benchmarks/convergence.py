@@ -224,9 +224,11 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
     if "a" in table and "b" in table:
         target = statistics.mean(table["b"][max(table["b"])])
         reached = next((e for e in sorted(table["a"]) if statistics.mean(table["a"][e]) >= target), None)
-        print(
-            f"DEIM's mean mAP reaches the D-FINE baseline's final {target:.3f} at epoch {reached} of {max(table['a'])}"
-        )
+        last = max(table["a"])
+        if reached is None:
+            print(f"DEIM's mean mAP does not reach the D-FINE baseline's final {target:.3f} in {last} epochs")
+        else:
+            print(f"DEIM's mean mAP reaches the D-FINE baseline's final {target:.3f} at epoch {reached} of {last}")
 
 
 def plot(rows: list[dict], curves: dict[int, dict[int, float]], title: str, path: Path) -> None:

@@ -30,13 +30,18 @@ AUTHORS = """seed,epoch,mAP50-95
 """
 
 
-def test_summary_from_recorded_curves(tmp_path):
-    (tmp_path / "ours.csv").write_text(OURS)
+def summary(tmp_path: Path, ours: str) -> str:
+    """What `convergence.py --from-csv` prints for the curves `ours` against AUTHORS."""
+    (tmp_path / "ours.csv").write_text(ours)
     (tmp_path / "authors.csv").write_text(AUTHORS)
     command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--out", str(tmp_path)]
     command += ["--from-csv", str(tmp_path / "ours.csv"), "--reference", str(tmp_path / "authors.csv")]
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+
+
+def test_summary_from_recorded_curves(tmp_path):
+    out = summary(tmp_path, OURS)
 
     # finals 0.32 and 0.47; s/iteration over both seeds' rows (0.5 x 3, 0.7 x 3)
     assert "final mAP50-95 mean 0.395 (range 0.320-0.470, 2 seed(s)), 0.600 s/iteration" in out
@@ -56,3 +61,8 @@ def test_summary_from_recorded_curves(tmp_path):
     )
     assert "reaches the D-FINE baseline's final 0.350 at epoch 21 of 21" in out  # mean 0.30 at 20, 0.395 at 21
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_summary_when_deim_never_reaches_the_baseline(tmp_path):
+    out = summary(tmp_path, OURS.replace("b,0,21,0.35", "b,0,21,0.50"))  # DEIM's mean peaks at 0.395
+    assert "DEIM's mean mAP does not reach the D-FINE baseline's final 0.500 in 21 epochs" in out
