@@ -17,7 +17,11 @@ mAP50-95), their band is drawn too, and the distance from it from epoch 20 on is
 DEIM's mean and, with 3 or more authors' seeds, for each authors' seed against the band of the others; with 2 or
 more seeds on both sides, the difference of the means per epoch with Welch's p-value.
 
-    python benchmarks/convergence.py --quick                      # all rows; a, b, f x seeds 0 1 took 53 min on 2 CPUs
+On CPU, Ultralytics trains on cpu_count - 1 threads (one on a 2-core machine), so by default as many runs train at once
+as fit the cores (`--jobs`), each in its own process with its console output in --out/<row>_seed<seed>.log; a seed
+gives the same curve however many run beside it.
+
+    python benchmarks/convergence.py --quick                        # all rows, seeds 0 1 (a, b, f) and 0 (c, d, e)
     python benchmarks/convergence.py --quick --rows a f --seeds 0   # a subset
     python benchmarks/convergence.py --data deepforest.yaml --epochs 120 --imgsz 640 --batch 16 --device 0
 """
@@ -26,9 +30,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import os
 import statistics
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -39,6 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import ttest_ind  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
+from ultralytics.utils import NUM_THREADS  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
 from deim_ultra.data.synthetic import make_synthetic_dataset  # noqa: E402
@@ -109,7 +117,6 @@ def train(row: str, seed: int, args, data: str) -> list[dict]:
     model.train(**settings)
     with open(Path(model.trainer.save_dir) / "results.csv") as f:
         results = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
-    print(f"{ROWS[row]} seed {seed}: {clock.per_iteration:.3f} s/iteration")
     return [
         dict(
             row=row,
@@ -121,6 +128,49 @@ def train(row: str, seed: int, args, data: str) -> list[dict]:
         )
         for r in results
     ]
+
+
+def train_logged(row: str, seed: int, args, data: str) -> list[dict]:
+    """`train` in a worker process, its console output (progress bars included) sent to --out/<row>_seed<seed>.log
+    so that runs side by side do not interleave on the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(args.out / f"{row}_seed{seed}.log", "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    return train(row, seed, args, data)
+
+
+def default_jobs(device: str) -> int:
+    """Runs to train at once: on CPU as many as Ultralytics' per-run thread count leaves cores for, else one."""
+    return max(1, (os.cpu_count() or 1) // NUM_THREADS) if device == "cpu" else 1
+
+
+def run_all(runs: list[tuple[str, int]], args, data: str) -> list[dict]:
+    """Train every (row, seed) of `runs`, `args.jobs` at a time; convergence.csv is rewritten (in the order of `runs`)
+    after each run ends, so partial results survive an interrupted grid."""
+    done: dict[tuple[str, int], list[dict]] = {}
+
+    def record(run: tuple[str, int], curve: list[dict]) -> None:
+        done[run] = curve
+        rows = [r for key in runs if key in done for r in done[key]]
+        with open(args.out / "convergence.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"{ROWS[run[0]]} seed {run[1]}: final mAP50-95 {curve[-1]['map']:.3f}, {curve[-1]['s_per_iter']:.3f} "
+              f"s/iteration ({len(done)} of {len(runs)} runs)", flush=True)  # fmt: skip
+
+    if args.jobs == 1:
+        for run in runs:
+            record(run, train(*run, args, data))
+    else:
+        print(f"{len(runs)} runs, {args.jobs} at a time; console output in {args.out}/<row>_seed<seed>.log", flush=True)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_logged, *run, args, data): run for run in runs}
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+    return [r for run in runs for r in done[run]]
 
 
 def by_row(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
@@ -266,12 +316,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--jobs", type=int, help="runs trained at once (default: see above)")
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
     parser.add_argument("--from-csv", type=Path, nargs="+", help="only summarise and redraw from earlier CSVs")
     parser.add_argument(
         "--reference", type=Path, nargs="+", help="CSVs of the authors' per-epoch curves (seed, epoch, mAP50-95)"
     )
     args = parser.parse_args()
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more runs to train at once")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quick:
@@ -292,15 +345,10 @@ def main() -> None:
                 ]  # fmt: skip
     else:
         runs = [(row, seed) for seed in args.seeds for row in args.rows if row in SEEDED_ROWS or seed == args.seeds[0]]
-        rows = []
-        for row, seed in runs:
-            rows += train(row, seed, args, data)
-            with open(
-                args.out / "convergence.csv", "w", newline=""
-            ) as f:  # rewritten after each run: partial results survive
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+        args.jobs = args.jobs or default_jobs(args.device)
+        start = time.perf_counter()
+        rows = run_all(runs, args, data)
+        print(f"{len(runs)} runs, {args.jobs} at a time: {(time.perf_counter() - start) / 60:.1f} min")
     reference = read_reference(args.reference)
     if not args.reference:
         print("no --reference given: the authors' curves are not drawn or compared")
