@@ -148,7 +148,8 @@ def default_jobs(device: str) -> int:
 
 def run_all(runs: list[tuple[str, int]], args, data: str) -> list[dict]:
     """Train every (row, seed) of `runs`, `args.jobs` at a time; convergence.csv is rewritten (in the order of `runs`)
-    after each run ends, so partial results survive an interrupted grid."""
+    after each run ends, so partial results survive an interrupted grid. Side by side, a run that fails does not stop
+    the others: the error, naming each failed run's log, comes once all have ended."""
     done: dict[tuple[str, int], list[dict]] = {}
 
     def record(run: tuple[str, int], curve: list[dict]) -> None:
@@ -168,8 +169,17 @@ def run_all(runs: list[tuple[str, int]], args, data: str) -> list[dict]:
         print(f"{len(runs)} runs, {args.jobs} at a time; console output in {args.out}/<row>_seed<seed>.log", flush=True)
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(train_logged, *run, args, data): run for run in runs}
+            failed = []
             for future in as_completed(futures):
-                record(futures[future], future.result())
+                (row, seed), error = futures[future], future.exception()
+                if error is None:
+                    record((row, seed), future.result())
+                else:
+                    failed.append(f"{row}_seed{seed}: {error!r} (log {args.out / f'{row}_seed{seed}.log'})")
+                    print(f"{ROWS[row]} seed {seed} failed: {failed[-1]}", flush=True)
+        if failed:
+            kept = f"; the runs that ended are in {args.out / 'convergence.csv'}" if done else ""
+            raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed{kept}:\n" + "\n".join(failed))
     return [r for run in runs for r in done[run]]
 
 

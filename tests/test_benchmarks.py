@@ -96,3 +96,18 @@ def test_runs_side_by_side_train_as_runs_one_after_the_other(tmp_path, tiny_data
         assert "mAP50-95" in (tmp_path / "together" / f"{name}.log").read_text()  # its console output, kept apart
     # the two seeds train differently, so the equality above is not that of two identical runs
     assert training_history(tmp_path / "alone" / "a_seed0") != training_history(tmp_path / "alone" / "a_seed1")
+
+
+def test_a_failed_run_side_by_side_keeps_the_others_and_names_its_log(tmp_path, tiny_data):
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--data", str(tiny_data), "--rows", "a"]
+    command += ["f", "--seeds", "0", "--epochs", "1", "--imgsz", "64", "--batch", "4", "--workers", "0", "--jobs", "2"]
+    command += ["--model", "no-such-model.yaml", "--out", str(out)]  # row a trains this; row f trains YOLO26n
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+    assert result.returncode != 0
+    assert f"1 of 2 runs failed; the runs that ended are in {out / 'convergence.csv'}" in result.stderr
+    assert f"(log {out / 'a_seed0.log'})" in result.stderr and "no-such-model.yaml" in result.stderr
+    with open(out / "convergence.csv") as f:
+        assert {(r["row"], r["epoch"]) for r in csv.DictReader(f)} == {("f", "1")}
