@@ -110,7 +110,7 @@ def train(row: str, seed: int, args, data: str) -> list[dict]:
     model.add_callback("on_train_epoch_end", clock.epoch_end)
     settings = dict(
         data=data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.workers,
-        project=str(args.out), name=f"{row}_seed{seed}", exist_ok=True, plots=False, seed=seed,
+        amp=args.amp, project=str(args.out), name=f"{row}_seed{seed}", exist_ok=True, plots=False, seed=seed,
     )  # fmt: skip
     if row != "f":
         settings.update(row_settings(row, args.epochs))
@@ -326,6 +326,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (CPU runs fp32)"
+    )
     parser.add_argument("--jobs", type=int, help="runs trained at once (default: see above)")
     parser.add_argument("--out", type=Path, default=Path("runs/convergence"))
     parser.add_argument("--from-csv", type=Path, nargs="+", help="only summarise and redraw from earlier CSVs")

@@ -8,11 +8,13 @@ interleaved: `--rounds` rounds, each running every model `--runs` times in turn,
 prints the median ms per model and its ratio to our DEIM-N ONNX. ONNX Runtime and OpenVINO run on the CPU with
 `--threads` intra-op threads, OpenVINO at float32 precision (its CPU default is bfloat16 where the CPU has it).
 `--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export, grouped by part of
-the network. On a machine with CUDA it adds PyTorch fp16 rows (that path has not run yet: no GPU so far); TensorRT
-engines are left to `format=engine` exports.
+the network. `--backends` picks the runtimes: `torch` times the PyTorch models themselves (fused, as Ultralytics'
+predictor runs them), in fp32 and fp16 on a CUDA device, in fp32 on the CPU where there is none; it is in the default
+only where CUDA is. Each row's ratio is to our DEIM-N on the same runtime. TensorRT engines are not timed here.
 
     python benchmarks/latency.py --authors /tmp/authors_export/deim_n_640.onnx --profile
     python benchmarks/latency.py --models deim-n yolo26n --rounds 5
+    python benchmarks/latency.py --backends torch --threads 8   # on a GPU machine
 """
 
 from __future__ import annotations
@@ -94,24 +96,26 @@ class OpenVinoRunner:
         self.model(self.x)
 
 
-class TorchHalfRunner:
-    """PyTorch fp16 on CUDA (only where a GPU is present)."""
+class TorchRunner:
+    """The PyTorch model from its YAML, fused and in eval mode: fp32 or fp16 on CUDA, fp32 on the CPU without one."""
 
-    def __init__(self, name: str, imgsz: int):
+    def __init__(self, name: str, imgsz: int, half: bool):
         import torch
         from ultralytics import RTDETR, YOLO
 
         from deim_ultra import DEIM
 
         cls = DEIM if name.startswith("deim") else RTDETR if name.startswith("rtdetr") else YOLO
-        self.torch = torch
-        self.model = cls(MODELS[name]).model.cuda().half().eval().fuse()
-        self.x = torch.rand(1, 3, imgsz, imgsz, device="cuda", dtype=torch.half)
+        self.torch, self.cuda = torch, torch.cuda.is_available()
+        device, dtype = ("cuda" if self.cuda else "cpu"), (torch.half if half else torch.float)
+        self.model = cls(MODELS[name]).model.to(device).eval().fuse().to(dtype)
+        self.x = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
 
     def __call__(self) -> None:
-        with self.torch.no_grad():
+        with self.torch.inference_mode():
             self.model(self.x)
-        self.torch.cuda.synchronize()
+        if self.cuda:
+            self.torch.cuda.synchronize()
 
 
 def region(node: str, op: str) -> str:
@@ -145,9 +149,19 @@ def profile(path: Path, imgsz: int, threads: int, runs: int) -> dict[str, float]
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def torch_runtimes() -> list[str]:
+    """The PyTorch rows this machine can time: fp32 and fp16 on CUDA, fp32 on the CPU."""
+    import torch
+
+    return ["pytorch fp32 (cuda)", "pytorch fp16 (cuda)"] if torch.cuda.is_available() else ["pytorch fp32 (cpu)"]
+
+
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--backends", nargs="+", choices=["onnx", "openvino", "torch"], default=None)
     parser.add_argument("--authors", type=Path, help="the authors' DEIM-N ONNX export (their deploy graph)")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--threads", type=int, default=2)
@@ -156,51 +170,51 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="export folder (default: a temporary one)")
     args = parser.parse_args()
+    backends = args.backends or ["onnx", "openvino"] + (["torch"] if torch.cuda.is_available() else [])
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="deim-latency-"))
 
-    runners, onnx_files = {}, {}
+    runners, onnx_files = {}, {}  # (model, runtime) -> runner
     for name in args.models:
-        onnx_files[name] = export(name, "onnx", out, args.imgsz)
-        runners[f"{name} onnx"] = OnnxRunner(onnx_files[name], args.imgsz, args.threads)
-        if name in GATHER:
-            path = export(name, "onnx", out, args.imgsz, sampler="gather")
-            runners[f"{name} onnx, sampler=gather"] = OnnxRunner(path, args.imgsz, args.threads)
-        if name in OPENVINO:
-            runners[f"{name} openvino"] = OpenVinoRunner(
-                export(name, "openvino", out, args.imgsz), args.imgsz, args.threads
-            )
+        if "onnx" in backends:
+            onnx_files[name] = export(name, "onnx", out, args.imgsz)
+            runners[name, "onnx"] = OnnxRunner(onnx_files[name], args.imgsz, args.threads)
+            if name in GATHER:
+                path = export(name, "onnx", out, args.imgsz, sampler="gather")
+                runners[name, "onnx, sampler=gather"] = OnnxRunner(path, args.imgsz, args.threads)
+        if "openvino" in backends and name in OPENVINO:
+            folder = export(name, "openvino", out, args.imgsz)
+            runners[name, "openvino"] = OpenVinoRunner(folder, args.imgsz, args.threads)
+        if "torch" in backends:
+            for runtime in torch_runtimes():
+                runners[name, runtime] = TorchRunner(name, args.imgsz, half="fp16" in runtime)
     if args.authors:
-        runners["authors' deim-n onnx"] = OnnxRunner(args.authors, args.imgsz, args.threads)
+        runners["the authors' deim-n", "onnx"] = OnnxRunner(args.authors, args.imgsz, args.threads)
     else:
         print("no --authors export given: the authors' DEIM-N row is not measured")
-    import torch
-
-    if torch.cuda.is_available():
-        for name in args.models:
-            runners[f"{name} pytorch fp16 (cuda)"] = TorchHalfRunner(name, args.imgsz)
-    else:
-        print("no CUDA device: PyTorch fp16 and TensorRT rows are not measured")
+    if "torch" in backends and not torch.cuda.is_available():
+        print("no CUDA device: PyTorch runs on the CPU in fp32 only")
 
     times = defaultdict(list)
     for run in runners.values():  # warm-up: first runs allocate and tune
         for _ in range(3):
             run()
     for _ in range(args.rounds):
-        for label, run in runners.items():
+        for key, run in runners.items():
             for _ in range(args.runs):
                 start = time.perf_counter()
                 run()
-                times[label].append((time.perf_counter() - start) * 1000)
+                times[key].append((time.perf_counter() - start) * 1000)
 
-    base = statistics.median(times["deim-n onnx"]) if "deim-n onnx" in times else None
+    medians = {key: statistics.median(values) for key, values in times.items()}
     print(f"\nbatch 1, {args.imgsz} px, {args.threads} threads, {args.rounds} rounds x {args.runs} runs, interleaved")
-    print("| model | median ms | / our DEIM-N onnx |")
-    print("|---|---|---|")
-    for label, values in times.items():
-        median = statistics.median(values)
+    print("| model | runtime | median ms | / our DEIM-N, same runtime |")
+    print("|---|---|---|---|")
+    for (name, runtime), median in medians.items():
+        base = medians.get(("deim-n", runtime.replace(", sampler=gather", "")))
         ratio = f"{median / base:.2f}" if base else "-"
-        print(f"| {label} | {median:.1f} | {ratio} |")
+        print(f"| {name} | {runtime} | {median:.1f} | {ratio} |")
 
     if args.profile:
         graphs = {"ours": onnx_files.get("deim-n") or export("deim-n", "onnx", out, args.imgsz)}
