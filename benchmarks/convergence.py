@@ -49,6 +49,7 @@ from ultralytics import YOLO  # noqa: E402
 from ultralytics.utils import NUM_THREADS  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
+from deim_ultra.cfg import resolve_data_yaml  # noqa: E402
 from deim_ultra.data.synthetic import make_synthetic_dataset  # noqa: E402
 from deim_ultra.schedule import RECIPES, scale_policy  # noqa: E402
 
@@ -345,7 +346,8 @@ def main() -> None:
         args.epochs, args.imgsz = args.epochs or QUICK_RUN["epochs"], args.imgsz or QUICK_DATA["imgsz"]
         args.batch = args.batch or QUICK_RUN["batch"]
     else:
-        data, args.epochs, args.imgsz, args.batch = args.data, args.epochs or 120, args.imgsz or 640, args.batch or 16
+        data = str(resolve_data_yaml(args.data))  # a shipped name: YOLO (row f) does not know ours
+        args.epochs, args.imgsz, args.batch = args.epochs or 120, args.imgsz or 640, args.batch or 16
 
     if args.from_csv:
         rows = []
@@ -358,7 +360,7 @@ def main() -> None:
                 ]  # fmt: skip
     else:
         runs = [(row, seed) for seed in args.seeds for row in args.rows if row in SEEDED_ROWS or seed == args.seeds[0]]
-        args.jobs = args.jobs or default_jobs(args.device)
+        args.jobs = min(args.jobs or default_jobs(args.device), len(runs))
         start = time.perf_counter()
         rows = run_all(runs, args, data)
         print(f"{len(runs)} runs, {args.jobs} at a time: {(time.perf_counter() - start) / 60:.1f} min")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 OURS = """row,seed,epoch,map,map50,s_per_iter
 a,0,19,0.10,0.2,0.5
@@ -111,3 +113,18 @@ def test_a_failed_run_side_by_side_keeps_the_others_and_names_its_log(tmp_path, 
     assert f"(log {out / 'a_seed0.log'})" in result.stderr and "no-such-model.yaml" in result.stderr
     with open(out / "convergence.csv") as f:
         assert {(r["row"], r["epoch"]) for r in csv.DictReader(f)} == {("f", "1")}
+
+
+@pytest.mark.skipif(os.environ.get("DEIM_SKIP_NETWORK") == "1", reason="DEIM_SKIP_NETWORK=1: PyPI download opted out")
+def test_yolo_row_trains_on_a_dataset_given_by_its_shipped_name(tmp_path):
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
+    settings = f"from ultralytics.utils import SETTINGS; SETTINGS.update(datasets_dir={str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", settings], env=env, check=True)  # deepforest is built under tmp_path
+    out = tmp_path / "out"
+    command = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--data", "deepforest.yaml", "--rows", "f"]
+    command += ["--seeds", "0", "--epochs", "1", "--imgsz", "64", "--batch", "16", "--workers", "0", "--out", str(out)]
+    subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=True)
+
+    assert len(list((tmp_path / "deepforest" / "images" / "train").glob("*.png"))) == 58
+    with open(out / "convergence.csv") as f:
+        assert [(r["row"], r["epoch"]) for r in csv.DictReader(f)] == [("f", "1")]
