@@ -5,8 +5,9 @@ exporter: DEIM-N and DEIM-S (ONNX, ONNX with `sampler=gather`, OpenVINO), Ultral
 YOLO26s and RT-DETR-l (ONNX, and OpenVINO for the n models); with `--authors` also the authors' own DEIM-N deploy
 export (built from their code outside this repository, see ../shared/reference/README.md). Then times them
 interleaved: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike;
-prints the median ms per model and its ratio to our DEIM-N ONNX. ONNX Runtime and OpenVINO run on the CPU with
-`--threads` intra-op threads, OpenVINO at float32 precision (its CPU default is bfloat16 where the CPU has it).
+prints the median ms per model and runtime and its ratio to our DEIM-N on that runtime. ONNX Runtime and OpenVINO
+run on the CPU with `--threads` intra-op threads, OpenVINO at float32 precision (its CPU default is bfloat16 where the
+CPU has it).
 `--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export, grouped by part of
 the network. `--backends` picks the runtimes: `torch` times the PyTorch models themselves (fused, as Ultralytics'
 predictor runs them), in fp32 and fp16 on a CUDA device, in fp32 on the CPU where there is none; it is in the default
