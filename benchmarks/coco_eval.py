@@ -4,8 +4,8 @@ Our per-epoch curves come from Ultralytics' validator (confidence threshold 0.00
 matching and AP); the authors' (../shared/reference/) from COCO's evaluation of the 300 boxes per image their
 post-processor keeps. On a trained DEIM-N the two give the same mAP (docs/benchmarks.md); this checks the weak models
 of mid-run, where the curves are compared. For each checkpoint it prints mAP50-95 / mAP50 from Ultralytics'
-validator, then from pycocotools (default parameters, as the authors' evaluation) on the model's detections predicted
-with no confidence threshold.
+validator, then from pycocotools (default parameters, maxDets 100, as in the authors' faster-coco-eval) on the
+model's detections predicted with no confidence threshold.
 
     python benchmarks/coco_eval.py runs/x/weights/epoch*.pt --data DATA.yaml --imgsz 128
 """
