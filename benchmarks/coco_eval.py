@@ -1,11 +1,13 @@
 """Ultralytics' val mAP against pycocotools' COCO mAP, on the same checkpoints and the same val images.
 
 Our per-epoch curves come from Ultralytics' validator (confidence threshold 0.001, up to 300 detections, its own
-matching and AP); the authors' (../shared/reference/) from COCO's evaluation of the 300 boxes per image their
-post-processor keeps. On a trained DEIM-N the two give the same mAP (docs/benchmarks.md); this checks the weak models
-of mid-run, where the curves are compared. For each checkpoint it prints mAP50-95 / mAP50 from Ultralytics'
-validator, then from pycocotools (default parameters, maxDets 100, as in the authors' faster-coco-eval) on the
-model's detections predicted with no confidence threshold.
+matching and AP); the authors' (../shared/reference/) from COCO's evaluation of the boxes per image their
+post-processor keeps (300, or queries x classes where fewer; COCO's maxDets 100 scores the best 100). On a trained
+DEIM-N the two give the same mAP (docs/benchmarks.md); this checks the weak models of mid-run, where the curves are
+compared. For each checkpoint it prints mAP50-95 / mAP50 from Ultralytics' validator, then from pycocotools (default
+parameters, maxDets 100, as in the authors' faster-coco-eval) on the model's detections predicted with no confidence
+threshold. Ultralytics stores a checkpoint's EMA in fp16, so its val mAP can differ from the one the training run
+logged for that epoch in the fourth decimal.
 
     python benchmarks/coco_eval.py runs/x/weights/epoch*.pt --data DATA.yaml --imgsz 128
 """
@@ -27,16 +29,20 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
+from deim_ultra.cfg import resolve_data_yaml  # noqa: E402
 
 
 def ground_truth(data: dict) -> tuple[COCO, list[Path]]:
     """The val split of an Ultralytics dataset as a COCO index (pixel xywh boxes), and its image paths (id = index)."""
-    paths = sorted(p for p in Path(data["val"]).rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+    folders = data["val"] if isinstance(data["val"], list) else [data["val"]]
+    paths = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
     images, annotations = [], []
     for i, (path, label) in enumerate(zip(paths, img2label_paths([str(p) for p in paths]))):
-        width, height = Image.open(path).size
+        with Image.open(path) as image:
+            width, height = image.size
         images.append(dict(id=i, width=width, height=height, file_name=path.name))
-        for line in Path(label).read_text().splitlines() if Path(label).is_file() else []:
+        lines = Path(label).read_text().splitlines() if Path(label).is_file() else []
+        for line in filter(str.strip, lines):
             cls, cx, cy, w, h = map(float, line.split())
             box = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
             annotations.append(dict(id=len(annotations) + 1, image_id=i, category_id=int(cls), bbox=box,
@@ -83,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    args.data = str(resolve_data_yaml(args.data))  # a shipped name such as deepforest.yaml
     data = check_det_dataset(args.data)
     coco, paths = ground_truth(data)
     weights = sorted(args.weights, key=lambda p: int(epoch_of(p)) if epoch_of(p).isdigit() else float("inf"))

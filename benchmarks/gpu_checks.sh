@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, for a CUDA machine (none has been lent to this project yet; rehearsed with DEV=cpu):
-#   1. smoke: `deim train` DEIM-N (2 epochs) and DEIM-S (1 epoch, multi-scale) on the quick set, `deim val half=True`,
-#      `deim predict half=True`; the script stops here if any of them fails;
+#   1. smoke: `deim train` DEIM-N (2 epochs) and DEIM-S (1 epoch, multi-scale) on the quick set, then `deim val
+#      half=True` and `deim predict half=True` of the DEIM-N run; the script stops here if any of them fails;
 #   2. latency: benchmarks/latency.py --backends torch (PyTorch fp32 / fp16 on CUDA, batch 1, 640);
 #   3. the quick set's rows a and f with AMP (seeds 0 1) and row a without AMP (seeds 0 1), side by side;
 #   4. benchmarks/half_precision.py on the AMP-trained seed 0: val mAP in fp32 and fp16, raw-score drift, Inf/NaN.
@@ -32,12 +32,12 @@ cat $R/env.txt | tail -12
 t "smoke: CLI train / val / predict on $DEV"
 python3 -c "from deim_ultra.data.synthetic import make_synthetic_dataset as m; import sys; sys.path.insert(0, 'benchmarks'); from convergence import QUICK_DATA; print(m('/tmp/q', **QUICK_DATA))" > $R/smoke_data.txt 2>&1 || { cat $R/smoke_data.txt; exit 1; }
 Q=$(tail -1 $R/smoke_data.txt)
-( set -e
+timeout 240 bash -c "set -e
   python3 -m deim_ultra.cli train model=deim-n.yaml data=$Q epochs=$SMOKE_EPOCHS imgsz=128 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=n exist_ok=True
   python3 -m deim_ultra.cli train model=deim-s.yaml data=$Q epochs=1 imgsz=256 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=s exist_ok=True
   python3 -m deim_ultra.cli val model=$R/smoke/n/weights/last.pt data=$Q imgsz=128 device=$DEV half=True plots=False project=$R/smoke name=val exist_ok=True
   python3 -m deim_ultra.cli predict model=$R/smoke/n/weights/last.pt source=/tmp/q/images/val imgsz=128 device=$DEV half=True save=False project=$R/smoke name=pred exist_ok=True
-) > $R/smoke.log 2>&1
+" > $R/smoke.log 2>&1
 rc=$?; tail -25 $R/smoke.log; t "smoke rc $rc"; [ $rc = 0 ] || exit 1
 
 t "latency (pytorch)"

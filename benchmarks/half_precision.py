@@ -20,15 +20,17 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from ultralytics.data.utils import check_det_dataset  # noqa: E402
+from ultralytics.data.utils import IMG_FORMATS, check_det_dataset  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
+from deim_ultra.cfg import resolve_data_yaml  # noqa: E402
 
 
 def val_images(data: str, imgsz: int, limit: int) -> torch.Tensor:
     """Up to `limit` val images of `data`, resized to imgsz x imgsz, RGB in [0, 1], shape (N, 3, imgsz, imgsz)."""
-    folder = Path(check_det_dataset(data)["val"])
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})[:limit]
+    val = check_det_dataset(data)["val"]
+    folders = val if isinstance(val, list) else [val]
+    paths = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)[:limit]
     images = [cv2.resize(cv2.imread(str(p))[..., ::-1], (imgsz, imgsz)) for p in paths]
     return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float() / 255
 
@@ -40,8 +42,9 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--device", default="0")
+    parser.add_argument("--device", default="0", help="one CUDA device index")
     args = parser.parse_args()
+    args.data = str(resolve_data_yaml(args.data))  # a shipped name such as deepforest.yaml
     if not torch.cuda.is_available():
         raise SystemExit("fp16 inference needs a CUDA device; none is visible here")
 
