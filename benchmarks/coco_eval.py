@@ -23,27 +23,25 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from PIL import Image  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
-from ultralytics.data.utils import IMG_FORMATS, check_det_dataset, img2label_paths  # noqa: E402
+from ultralytics.data import YOLODataset  # noqa: E402
+from ultralytics.data.utils import check_det_dataset  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
 from deim_ultra.cfg import resolve_data_yaml  # noqa: E402
 
 
-def ground_truth(data: dict) -> tuple[COCO, list[Path]]:
-    """The val split of an Ultralytics dataset as a COCO index (pixel xywh boxes), and its image paths (id = index)."""
-    folders = data["val"] if isinstance(data["val"], list) else [data["val"]]
-    paths = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)
+def ground_truth(data: dict) -> tuple[COCO, list[str]]:
+    """The val split as a COCO index (pixel xywh boxes) and its image paths (image id = index). The labels come from
+    Ultralytics' own dataset scan, so both evaluations see the same boxes (corrupt files skipped, duplicates
+    dropped)."""
+    labels = YOLODataset(img_path=data["val"], data=data, augment=False).labels
     images, annotations = [], []
-    for i, (path, label) in enumerate(zip(paths, img2label_paths([str(p) for p in paths]))):
-        with Image.open(path) as image:
-            width, height = image.size
-        images.append(dict(id=i, width=width, height=height, file_name=path.name))
-        lines = Path(label).read_text().splitlines() if Path(label).is_file() else []
-        for line in filter(str.strip, lines):
-            cls, cx, cy, w, h = map(float, line.split())
+    for i, label in enumerate(labels):
+        height, width = label["shape"]
+        images.append(dict(id=i, width=width, height=height, file_name=Path(label["im_file"]).name))
+        for cls, (cx, cy, w, h) in zip(label["cls"].ravel().tolist(), label["bboxes"].tolist()):
             box = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
             annotations.append(dict(id=len(annotations) + 1, image_id=i, category_id=int(cls), bbox=box,
                                     area=box[2] * box[3], iscrowd=0))  # fmt: skip
@@ -51,15 +49,15 @@ def ground_truth(data: dict) -> tuple[COCO, list[Path]]:
     coco.dataset = dict(images=images, annotations=annotations, categories=[dict(id=k) for k in data["names"]])
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    return coco, paths
+    return coco, [label["im_file"] for label in labels]
 
 
-def coco_map(model: DEIM, coco: COCO, paths: list[Path], imgsz: int, batch: int) -> tuple[float, float]:
+def coco_map(model: DEIM, coco: COCO, paths: list[str], imgsz: int, batch: int) -> tuple[float, float]:
     """COCO mAP50-95 and mAP50 of `model`'s detections on `paths` (no confidence threshold, up to 300 per image)."""
     detections = []
     for start in range(0, len(paths), batch):
-        chunk = [str(p) for p in paths[start : start + batch]]
-        for i, result in enumerate(model.predict(chunk, imgsz=imgsz, conf=0.0, max_det=300, verbose=False), start):
+        results = model.predict(paths[start : start + batch], imgsz=imgsz, conf=0.0, max_det=300, verbose=False)
+        for i, result in enumerate(results, start):
             for (x0, y0, x1, y1), score, cls in zip(
                 result.boxes.xyxy.tolist(), result.boxes.conf.tolist(), result.boxes.cls.tolist()
             ):

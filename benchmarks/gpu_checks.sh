@@ -13,7 +13,7 @@
 # (ultralytics and what it needs beyond torch); the repository itself is put on PYTHONPATH.
 set -u
 DEV=${DEV:-0}; EPOCHS=${EPOCHS:-32}; CAP=${CAP:-270}; SMOKE_EPOCHS=${SMOKE_EPOCHS:-2}
-export PYTHONUNBUFFERED=1 YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False YOLO_CONFIG_DIR=/tmp/ycfg
+export PYTHONUNBUFFERED=1 YOLO_OFFLINE=1 YOLO_AUTOINSTALL=False YOLO_CONFIG_DIR=${YOLO_CONFIG_DIR:-/tmp/ycfg}
 OUT=${OUT:-runs/gpu_checks}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd); R=$OUT/r; mkdir -p $R
 T0=$(date +%s); t(){ echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a $R/stages.txt; }
 finish(){ t "packing"; (cd $OUT && tar czf results.tar.gz --exclude='*.pt' --exclude='*.png' --exclude='*.jpg' --exclude='images' --exclude='labels' --exclude='*.cache' r); ls -la $OUT; }
@@ -30,13 +30,14 @@ t "env"
 cat $R/env.txt | tail -12
 
 t "smoke: CLI train / val / predict on $DEV"
-python3 -c "from deim_ultra.data.synthetic import make_synthetic_dataset as m; import sys; sys.path.insert(0, 'benchmarks'); from convergence import QUICK_DATA; print(m('/tmp/q', **QUICK_DATA))" > $R/smoke_data.txt 2>&1 || { cat $R/smoke_data.txt; exit 1; }
+QD=$(mktemp -d)  # the quick set, outside $OUT so its images do not travel back
+python3 -c "from deim_ultra.data.synthetic import make_synthetic_dataset as m; import sys; sys.path.insert(0, 'benchmarks'); from convergence import QUICK_DATA; print(m('$QD', **QUICK_DATA))" > $R/smoke_data.txt 2>&1 || { cat $R/smoke_data.txt; exit 1; }
 Q=$(tail -1 $R/smoke_data.txt)
 timeout 240 bash -c "set -e
   python3 -m deim_ultra.cli train model=deim-n.yaml data=$Q epochs=$SMOKE_EPOCHS imgsz=128 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=n exist_ok=True
   python3 -m deim_ultra.cli train model=deim-s.yaml data=$Q epochs=1 imgsz=256 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=s exist_ok=True
   python3 -m deim_ultra.cli val model=$R/smoke/n/weights/last.pt data=$Q imgsz=128 device=$DEV half=True plots=False project=$R/smoke name=val exist_ok=True
-  python3 -m deim_ultra.cli predict model=$R/smoke/n/weights/last.pt source=/tmp/q/images/val imgsz=128 device=$DEV half=True save=False project=$R/smoke name=pred exist_ok=True
+  python3 -m deim_ultra.cli predict model=$R/smoke/n/weights/last.pt source=$QD/images/val imgsz=128 device=$DEV half=True save=False project=$R/smoke name=pred exist_ok=True
 " > $R/smoke.log 2>&1
 rc=$?; tail -25 $R/smoke.log; t "smoke rc $rc"; [ $rc = 0 ] || exit 1
 

@@ -20,18 +20,19 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from ultralytics.data.utils import IMG_FORMATS, check_det_dataset  # noqa: E402
+from ultralytics.data import YOLODataset  # noqa: E402
+from ultralytics.data.utils import check_det_dataset  # noqa: E402
 
 from deim_ultra import DEIM  # noqa: E402
 from deim_ultra.cfg import resolve_data_yaml  # noqa: E402
 
 
 def val_images(data: str, imgsz: int, limit: int) -> torch.Tensor:
-    """Up to `limit` val images of `data`, resized to imgsz x imgsz, RGB in [0, 1], shape (N, 3, imgsz, imgsz)."""
-    val = check_det_dataset(data)["val"]
-    folders = val if isinstance(val, list) else [val]
-    paths = sorted(p for f in folders for p in Path(f).rglob("*") if p.suffix[1:].lower() in IMG_FORMATS)[:limit]
-    images = [cv2.resize(cv2.imread(str(p))[..., ::-1], (imgsz, imgsz)) for p in paths]
+    """Up to `limit` val images of `data` (those Ultralytics' dataset scan keeps), resized to imgsz x imgsz, RGB in
+    [0, 1], shape (N, 3, imgsz, imgsz)."""
+    info = check_det_dataset(data)
+    paths = YOLODataset(img_path=info["val"], data=info, augment=False).im_files[:limit]
+    images = [cv2.resize(cv2.imread(p)[..., ::-1], (imgsz, imgsz)) for p in paths]
     return torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float() / 255
 
 
