@@ -15,7 +15,10 @@ iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE basel
 `--reference` (CSVs of the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
 mAP50-95), their band is drawn too, and the distance from it from epoch 20 on is printed for each DEIM seed, for
 DEIM's mean and, with 3 or more authors' seeds, for each authors' seed against the band of the others; with 2 or
-more seeds on both sides, the difference of the means per epoch with Welch's p-value.
+more seeds on both sides, the difference of the means per epoch with Welch's p-value. `--check FINAL GAP` (default
+0.74 0.03, issue 9's per-seed check on the quick set) counts the DEIM seeds, and pairs of seeds, that end at FINAL or
+more and stay within GAP of the band from epoch 20, and the same for the authors' own seeds against the band of the
+others: how often a faithful trainer passes such a check by the draw of its seeds.
 
 On CPU, Ultralytics trains on cpu_count - 1 threads (one on a 2-core machine), so by default as many runs train at once
 as fit the cores (`--jobs`), each in its own process with its console output in --out/<row>_seed<seed>.log; a seed
@@ -36,6 +39,8 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from itertools import combinations
+from math import comb
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -227,6 +232,28 @@ def largest_gap(curve: dict[int, float], reference: dict[int, list[float]], firs
     return gaps[worst], worst, side
 
 
+def meets_check(curve: dict[int, float], reference: dict[int, list[float]], final: float, gap: float) -> bool:
+    """Whether `curve` ends at `final` mAP50-95 or more and stays within `gap` of the band `reference` from epoch 20
+    on (gaps compared at 1e-6, so CSV values written to three decimals meet a limit they touch exactly)."""
+    return curve[max(curve)] >= final and round(largest_gap(curve, reference)[0], 6) <= gap
+
+
+def reference_check_rates(
+    reference: dict[int, dict[int, float]], final: float, gap: float
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How often the authors' own code meets `meets_check`: (seeds passing, seeds) with each seed held against the
+    band of the others, and (pairs where both pass, pairs) with each pair held against the band of the rest."""
+
+    def passes(seed: int, left_out: tuple[int, ...]) -> bool:
+        others = band({s: c for s, c in reference.items() if s not in left_out})
+        return meets_check(reference[seed], others, final, gap)
+
+    seeds = sorted(reference)
+    singles = [passes(s, (s,)) for s in seeds]
+    pairs = [passes(a, (a, b)) and passes(b, (a, b)) for a, b in combinations(seeds, 2)]
+    return (sum(singles), len(singles)), (sum(pairs), len(pairs))
+
+
 def mean_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]) -> dict[int, tuple[float, float]]:
     """epoch -> (mean of `ours` - mean of `theirs`, Welch's two-sided p-value) where both have 2 or more seeds.
 
@@ -246,10 +273,11 @@ def mean_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]
     }
 
 
-def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
+def summarise(rows: list[dict], reference: dict[int, dict[int, float]], check: tuple[float, float]) -> None:
     """Print final mAP (mean and range over seeds), seconds per iteration, DEIM's distance from the authors' band
-    per seed (and, for calibration, each authors' seed's distance from the band of their other seeds), the difference
-    of the two means per epoch with its Welch p-value, and DEIM's epochs to the baseline's final."""
+    per seed (and, for calibration, each authors' seed's distance from the band of their other seeds), how often a
+    seed and a pair of seeds meet the per-seed `check` (final mAP, gap) on each side, the difference of the two means
+    per epoch with its Welch p-value, and DEIM's epochs to the baseline's final."""
     table = by_row(rows)
     for row, epochs in table.items():
         final = epochs[max(epochs)]
@@ -282,6 +310,7 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
             gap, epoch, side = largest_gap(curve, others)
             print(f"authors' seed {seed} vs the band of their other {len(reference) - 1} seeds, epochs 20+: largest "
                   f"gap {gap:.3f} at epoch {epoch} ({side}), final {curve[max(curve)]:.3f}")  # fmt: skip
+        print_check_rates(rows, reference, *check)
     if "a" in table and "b" in table:
         target = statistics.mean(table["b"][max(table["b"])])
         reached = next((e for e in sorted(table["a"]) if statistics.mean(table["a"][e]) >= target), None)
@@ -290,6 +319,26 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]]) -> None:
             print(f"DEIM's mean mAP does not reach the D-FINE baseline's final {target:.3f} in {last} epochs")
         else:
             print(f"DEIM's mean mAP reaches the D-FINE baseline's final {target:.3f} at epoch {reached} of {last}")
+
+
+def print_check_rates(rows: list[dict], reference: dict[int, dict[int, float]], final: float, gap: float) -> None:
+    """Print how many of DEIM's seeds, and of their pairs, meet `meets_check` against the authors' whole band, and the
+    same rates for the authors' own seeds held against the band of the others (with 3 or more authors' seeds)."""
+    authors = band(reference)
+    curves = {}
+    for r in rows:
+        if r["row"] == "a":
+            curves.setdefault(r["seed"], {})[r["epoch"]] = r["map"]
+    passed = sum(meets_check(c, authors, final, gap) for c in curves.values())
+    check = f"final >= {final:.3f} and within {gap:.3f} of the authors' band from epoch 20"
+    print(f"per-seed check ({check}): DEIM {passed} of {len(curves)} seeds, both seeds of a pair "
+          f"{comb(passed, 2)} of {comb(len(curves), 2)} pairs")  # fmt: skip
+    if len(reference) > 2:
+        (seeds, n_seeds), (pairs, n_pairs) = reference_check_rates(reference, final, gap)
+        print(
+            f"the same check for the authors' code: {seeds} of {n_seeds} seeds (each against the band of the others), "
+            f"both seeds of a pair {pairs} of {n_pairs} pairs (each pair against the band of the rest)"
+        )
 
 
 def plot(rows: list[dict], curves: dict[int, dict[int, float]], title: str, path: Path) -> None:
@@ -336,6 +385,10 @@ def main() -> None:
     parser.add_argument(
         "--reference", type=Path, nargs="+", help="CSVs of the authors' per-epoch curves (seed, epoch, mAP50-95)"
     )
+    parser.add_argument(
+        "--check", type=float, nargs=2, default=(0.74, 0.03), metavar=("FINAL", "GAP"),
+        help="per-seed check against the authors' band: final mAP50-95 at least FINAL, within GAP from epoch 20",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more runs to train at once")
@@ -367,7 +420,7 @@ def main() -> None:
     reference = read_reference(args.reference)
     if not args.reference:
         print("no --reference given: the authors' curves are not drawn or compared")
-    summarise(rows, reference)
+    summarise(rows, reference, tuple(args.check))
     plot(
         rows,
         reference,

@@ -41,13 +41,13 @@ def convergence(tmp_path: Path, *options: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=True).stdout
 
 
-def summary(tmp_path: Path, ours: str) -> str:
+def summary(tmp_path: Path, ours: str, *options: str) -> str:
     """What `convergence.py --from-csv` prints for the curves `ours` against AUTHORS."""
     (tmp_path / "ours.csv").write_text(ours)
     (tmp_path / "authors.csv").write_text(AUTHORS)
     return convergence(
         tmp_path, "--quick", "--out", str(tmp_path), "--from-csv", str(tmp_path / "ours.csv"),
-        "--reference", str(tmp_path / "authors.csv"),
+        "--reference", str(tmp_path / "authors.csv"), *options,
     )  # fmt: skip
 
 
@@ -77,6 +77,22 @@ def test_summary_from_recorded_curves(tmp_path):
 def test_summary_when_deim_never_reaches_the_baseline(tmp_path):
     out = summary(tmp_path, OURS.replace("b,0,21,0.35", "b,0,21,0.50"))  # DEIM's mean peaks at 0.395
     assert "DEIM's mean mAP does not reach the D-FINE baseline's final 0.500 in 21 epochs" in out
+
+
+def test_per_seed_check_counts_seeds_and_pairs_on_both_sides(tmp_path):
+    out = summary(tmp_path, OURS, "--check", "0.35", "0.07")
+    # DEIM seed 0 ends at 0.32 < 0.35; seed 1 ends at 0.47, 0.050 above the band at epoch 20: 1 of 2, no pair
+    assert "per-seed check (final >= 0.350 and within 0.070 of the authors' band from epoch 20): DEIM 1 of 2 " in out
+    assert "both seeds of a pair 0 of 1 pairs" in out
+    # Each authors' seed against the other two lies 0.05 out at most (finals 0.38 / 0.45 / 0.40): 3 of 3.
+    # Pairs against the one seed left: (0, 1) vs 2: seed 0 is 0.10 below at epoch 20; (0, 2) vs 1: 0.07 and 0.05,
+    # both pass (0.45 - 0.38 touches 0.07); (1, 2) vs 0: seed 2 is 0.10 above at epoch 20. So 1 of 3.
+    assert (
+        "the same check for the authors' code: 3 of 3 seeds (each against the band of the others), both seeds " in out
+    )
+    assert "of a pair 1 of 3 pairs (each pair against the band of the rest)" in out
+    # Seed 1's gap is 0.40 - 0.35, 0.05000000000000002 in floating point: a limit of 0.05 counts it as met.
+    assert "from epoch 20): DEIM 1 of 2 seeds" in summary(tmp_path, OURS, "--check", "0.35", "0.05")
 
 
 def training_history(run_dir: Path) -> list[dict]:
