@@ -13,7 +13,8 @@ Mapped (the Ultralytics key keeps its meaning, DEIM's pipeline honours it):
     batch         -1 or a fraction runs Ultralytics' AutoBatch; weight decay is never rescaled (nbs follows batch)
     time          Ultralytics re-estimates epochs from the epoch time; the policy epochs are rescaled with it
 Fixed by the recipe (another value is refused): optimizer, warmup_epochs, close_mosaic, nbs (no accumulation).
-Refused unless left at Ultralytics' default: the YOLO augmentation and lr-schedule keys in UNSUPPORTED.
+Refused unless left at Ultralytics' default: the YOLO augmentation and lr-schedule keys in UNSUPPORTED, and under
+every recipe, `recipe=none` included, the YOLO loss gains and `rect` in NO_EFFECT (DEIM's loss has its own weights).
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ UNSUPPORTED = {
     **dict.fromkeys(("copy_paste", "copy_paste_mode"), _AUGMENT),
     **dict.fromkeys(("cos_lr", "warmup_momentum", "warmup_bias_lr"), _SCHEDULE),
 }
+# Ultralytics settings that no DEIM training reads, whatever the recipe: the criterion has its own loss_* weights and
+# RT-DETR training batches are square.
+NO_EFFECT = {
+    "box": "DEIM weights its box terms with loss_bbox (L1) and loss_giou",
+    "cls": "DEIM weights its classification term with loss_mal",
+    "dfl": "DEIM weights its distribution terms with loss_fgl and loss_ddf",
+    "rect": "DETR training uses square batches (so does Ultralytics' RT-DETR trainer)",
+}
 
 
 def model_yaml(model: str | None) -> dict:
@@ -51,7 +60,8 @@ def model_yaml(model: str | None) -> dict:
 
 def recipe_name(overrides: dict) -> str:
     """The recipe `overrides` ask for: `recipe=auto` takes the model YAML's `recipe` key, `none` without one."""
-    name = str(overrides.get("recipe", DEIM_CFG_DICT["recipe"]))
+    name = overrides.get("recipe", DEIM_CFG_DICT["recipe"])
+    name = "none" if name is None else str(name)  # the shell's `recipe=none` reaches here as None (Ultralytics' parser)
     if name == "auto":
         name = str(model_yaml(overrides.get("model")).get("recipe", "none"))
     if name != "none" and name not in RECIPES:
@@ -62,6 +72,13 @@ def recipe_name(overrides: dict) -> str:
 def refuse(name: str, key: str, value, reason: str) -> None:
     """Raise the one-line error for a setting the recipe cannot honour."""
     raise ValueError(f"recipe={name} cannot honour {key}={value}: {reason}. Drop it, or train with recipe=none")
+
+
+def check_effective(overrides: dict) -> None:
+    """Refuse every setting of `overrides` in NO_EFFECT that differs from Ultralytics' default, under any recipe."""
+    for key, reason in NO_EFFECT.items():
+        if key in overrides and overrides[key] != DEFAULT_CFG_DICT[key]:
+            raise ValueError(f"deim-ultra cannot honour {key}={overrides[key]}: {reason}. Drop it")
 
 
 def check_refused(name: str, overrides: dict) -> None:
@@ -103,6 +120,7 @@ def recipe_overrides(overrides: dict) -> dict:
     Raises:
         ValueError: Naming the key, for a setting the recipe cannot honour.
     """
+    check_effective(overrides)
     name = recipe_name(overrides)
     if name == "none":
         return {**overrides, "recipe": "none"}

@@ -3,10 +3,11 @@
 import pytest
 import torch
 from ultralytics.data.augment import RandomFlip
+from ultralytics.utils import DEFAULT_CFG_DICT, YAML
 
 from deim_ultra import DEIM
 from deim_ultra.data.augment import DEIMMosaic
-from deim_ultra.recipe_settings import UNSUPPORTED
+from deim_ultra.recipe_settings import NO_EFFECT, UNSUPPORTED
 from deim_ultra.schedule import RECIPES, scale_policy
 from deim_ultra.train import DEIMTrainer
 
@@ -65,6 +66,27 @@ def test_ultralytics_defaults_given_explicitly_are_accepted(tiny_data, tmp_path)
     explicit = dict(hsv_h=0.015, degrees=0.0, cos_lr=False, scale=0.5)  # Ultralytics' own defaults: nothing asked
     trainer = DEIMTrainer(overrides=dict(model="deim-n.yaml", data=str(tiny_data), project=str(tmp_path), **explicit))
     assert trainer.args.recipe == "n" and trainer.args.degrees == 0.0
+
+
+@pytest.mark.parametrize("recipe", ["n", "none"])
+@pytest.mark.parametrize("key, value, instead", [("box", 10.0, "loss_bbox"), ("cls", 1.0, "loss_mal"),
+                                                 ("dfl", 3.0, "loss_fgl"), ("rect", True, "square")])  # fmt: skip
+def test_yolo_loss_gains_and_rect_are_refused_under_every_recipe(key, value, instead, recipe, tiny_data, tmp_path):
+    assert set(NO_EFFECT) == {"box", "cls", "dfl", "rect"}
+    with pytest.raises(ValueError, match=f"cannot honour {key}={value}: .*{instead}"):
+        DEIM("deim-n.yaml").train(data=str(tiny_data), project=str(tmp_path), recipe=recipe, **{key: value}, **TINY)
+
+
+def test_cli_recipe_none_trains_with_ultralytics_recipe(tiny_data, tmp_path):
+    # The shell's `none` is parsed to None by Ultralytics; it must still mean "no recipe", as the refusals advise.
+    result = deim_cli(
+        "train", "model=deim-n.yaml", f"data={tiny_data}", "recipe=none", "epochs=1", "imgsz=64", "batch=4",
+        "workers=0", "plots=False", "val=False", f"project={tmp_path}", "name=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    args = YAML.load(tmp_path / "run" / "args.yaml")
+    assert args["recipe"] == "none" and args["lr0"] == DEFAULT_CFG_DICT["lr0"]  # not recipe n's 8e-4
+    assert "DEIM schedule" not in result.stdout + result.stderr
 
 
 def test_cli_refusal_names_the_key(tiny_data, tmp_path):
