@@ -21,6 +21,7 @@ from ultralytics.cfg import cfg2dict
 from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRValidator
+from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, colorstr
 from ultralytics.utils.patches import override_configs
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
@@ -63,6 +64,17 @@ def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
 def backbone_modules(model: nn.Module) -> list[nn.Module]:
     """Layers that get the backbone learning rate: those of the YAML's `backbone` section."""
     return list(model.model[: len(model.yaml["backbone"])])
+
+
+def check_pretrained_model(weights: nn.Module | dict, pretrained) -> None:
+    """Refuse weights whose model is not a DEIM or RT-DETR one: Ultralytics would transfer none of their layers and
+    train from random weights after logging "Transferred 0/N items"."""
+    source = weights["model"] if isinstance(weights, dict) else weights
+    if not isinstance(source, RTDETRDetectionModel):
+        raise TypeError(
+            f"pretrained={pretrained} holds a {type(source).__name__}, not a DEIM or RT-DETR model, so none of its "
+            "layers fit. Fix: a DEIM checkpoint, the backbone's ImageNet .pth, pretrained=True or pretrained=False"
+        )
 
 
 def report_class_count_change(weights: nn.Module | dict, model: nn.Module) -> None:
@@ -174,6 +186,7 @@ class DEIMTrainer(RTDETRTrainer):
         model = build_detection_model(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
         model = self.set_model_names_for_load(model)
         if weights:
+            check_pretrained_model(weights, self.args.pretrained)
             model.load(weights)
             report_class_count_change(weights, model)
         elif isinstance(model, DEIMDetectionModel):

@@ -63,6 +63,19 @@ def test_unreadable_weight_files_are_named(tmp_path):
         DEIM(a_list)
 
 
+def test_yolo_checkpoint_as_pretrained_is_refused(tiny_data, tmp_path):
+    from ultralytics import YOLO
+
+    from deim_ultra import DEIM
+
+    yolo = tmp_path / "yolo.pt"
+    YOLO("yolov8n.yaml").save(yolo)  # Ultralytics would transfer 0 of its layers and train from random weights
+    with pytest.raises(TypeError, match=r"pretrained=.*yolo.pt holds a DetectionModel, not a DEIM or RT-DETR model"):
+        DEIM("deim-n.yaml").train(
+            data=str(tiny_data), pretrained=str(yolo), epochs=1, imgsz=64, workers=0, project=str(tmp_path)
+        )
+
+
 def test_mistyped_paths_do_not_fall_back_to_shipped_files(tmp_path):
     from deim_ultra.cfg import resolve_data_yaml, resolve_model_yaml
 
