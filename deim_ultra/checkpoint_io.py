@@ -2,7 +2,7 @@
 
 Every file is written under a temporary name in its destination folder, flushed to disk, and renamed over the old
 file: a rename within one filesystem is atomic, so a reader (or `resume=True` after a crash) sees either the previous
-complete checkpoint or the new complete one.
+complete checkpoint or the new complete one. results.csv is cut back to the checkpoint's epochs on resume.
 """
 
 from __future__ import annotations
@@ -45,6 +45,21 @@ def publish(staging: Path, folder: Path) -> None:
             os.fsync(f.fileno())
         os.replace(file, folder / file.name)
     staging.rmdir()
+
+
+def drop_results_after(csv: Path, epoch: int) -> int:
+    """Remove the rows of Ultralytics' results.csv after 1-based `epoch`, atomically; return how many went.
+
+    A run killed after writing an epoch's row but before saving its checkpoint resumes at that epoch and would log
+    it twice.
+    """
+    if not csv.is_file():
+        return 0
+    header, *rows = csv.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if float(row.split(",", 1)[0]) <= epoch]
+    if len(kept) < len(rows):
+        replace_atomically(csv, lambda tmp: tmp.write_text(header + "".join(kept)))
+    return len(rows) - len(kept)
 
 
 def strip_atomically(path: Path, updates: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_m
 
 from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, ultralytics_args
-from deim_ultra.checkpoint_io import publish, strip_atomically
+from deim_ultra.checkpoint_io import drop_results_after, publish, strip_atomically
 from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.data.audit import LabelAudit, check_training_set, with_one_based_hint
 from deim_ultra.data.dataset import DEIMDataset
@@ -175,6 +175,16 @@ class DEIMTrainer(RTDETRTrainer):
         for key, value in DEIM_DEFAULTS.items():
             if key not in vars(self.args):
                 setattr(self.args, key, value)
+
+    def resume_training(self, ckpt: dict | None) -> None:
+        """Ultralytics' resume, with results.csv cut back to the epochs `ckpt` holds: the tail restart reads the
+        per-epoch mAPs from that file, and an epoch whose row was written before its checkpoint is trained again."""
+        super().resume_training(ckpt)
+        if ckpt is None or not self.resume or RANK not in {-1, 0}:
+            return
+        dropped = drop_results_after(self.csv, self.start_epoch)
+        if dropped:
+            LOGGER.info(f"{self.csv}: {dropped} row(s) after epoch {self.start_epoch} removed, as that epoch resumes")
 
     @property
     def recipe_active(self) -> bool:

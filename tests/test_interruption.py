@@ -10,7 +10,8 @@ import pytest
 import torch
 
 # The child trains 2 epochs and is SIGKILLed halfway through writing last.pt: at the end of epoch 2 (Ultralytics
-# writes checkpoint bytes with Path.write_bytes) or in the final optimizer strip (torch.save to a path).
+# writes checkpoint bytes with Path.write_bytes) or in the final optimizer strip (torch.save to a path); or ("row")
+# just before writing epoch 2's checkpoint, after its results.csv row.
 CHILD = textwrap.dedent(
     """
     import io, os, pathlib, signal, sys, json
@@ -24,12 +25,14 @@ CHILD = textwrap.dedent(
             f.write(payload[: len(payload) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if mode == "epoch":
+    if mode in ("epoch", "row"):
         write_bytes, calls = pathlib.Path.write_bytes, []
 
         def patched(self, payload):
             if self.name == "last.pt":
                 calls.append(self)
+                if len(calls) == 2 and mode == "row":  # epoch 2's results.csv row is written, its checkpoint not
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if len(calls) == 2:
                     half_then_die(self, payload)
             return write_bytes(self, payload)
@@ -52,13 +55,34 @@ CHILD = textwrap.dedent(
 SETTINGS = dict(epochs=2, imgsz=64, batch=4, workers=0, policy_epochs=[1, 1, 2], warmup_iters=1, plots=False, seed=0)
 
 
-@pytest.mark.parametrize("mode, epoch", [("epoch", 0), ("strip", 1)])
-def test_kill_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, mode, epoch):
+def killed_child(mode: str, tiny_data, tmp_path) -> None:
+    """Run CHILD in `mode` and require that it was SIGKILLed."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     args = [sys.executable, str(script), mode, str(tiny_data), str(tmp_path), json.dumps(SETTINGS)]
     child = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+
+
+def results_epochs(run) -> list[int]:
+    """The epoch column of a run's results.csv."""
+    return [int(float(line.split(",")[0])) for line in (run / "results.csv").read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("mode, epoch", [("epoch", 0), ("strip", 1)])
+def test_kill_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, mode, epoch):
+    killed_child(mode, tiny_data, tmp_path)
     last = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)  # complete, so it loads
     assert last["epoch"] == epoch  # strip: the final epoch's checkpoint, still unstripped (optimizer state kept)
     assert (last["optimizer"] is not None) and last["ema"] is not None
+
+
+def test_resume_after_a_kill_between_results_row_and_checkpoint_logs_each_epoch_once(tiny_data, tmp_path):
+    from deim_ultra import DEIM
+
+    killed_child("row", tiny_data, tmp_path)
+    run = tmp_path / "run"
+    assert results_epochs(run) == [1, 2]
+    assert torch.load(run / "weights" / "last.pt", weights_only=False)["epoch"] == 0  # epoch 2 is trained again
+    DEIM(run / "weights" / "last.pt").train(resume=True)
+    assert results_epochs(run) == [1, 2]  # Ultralytics alone appends a second row for epoch 2
