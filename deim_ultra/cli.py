@@ -9,12 +9,14 @@ deim convert weights=deim_dfine_hgnetv2_s_coco.pth model=deim-s.yaml
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from ultralytics.cfg import check_dict_alignment, merge_equals_args, parse_key_value_pair
 from ultralytics.utils import ASSETS, LOGGER
 
-from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT
+from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT, MODE_SETTINGS
+from deim_ultra.data.audit import DatasetError
 from deim_ultra.nonfinite import DivergedError
 
 MODES = ("train", "val", "predict", "export")
@@ -34,11 +36,29 @@ DEIM settings ({CFG_DIR / "default.yaml"}):
 """
 
 
+def check_keys(mode: str, overrides: dict) -> None:
+    """Raise SyntaxError for a DEIM setting that `mode` does not read, or a key no mode knows (Ultralytics' check,
+    with its "similar arguments" hint; the `yolo` help it logs first is held back, `deim help` is ours)."""
+    for key in overrides:
+        readers = [m for m, keys in MODE_SETTINGS.items() if key in keys]
+        if mode != "convert" and readers and mode not in readers:
+            raise SyntaxError(f"'{key}' is a DEIM {' / '.join(readers)} setting: `deim {mode}` does not use it")
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        check_dict_alignment(CONVERT_KEYS if mode == "convert" else DEIM_CFG_DICT, overrides)
+    except SyntaxError as e:
+        raise SyntaxError(f"{str(e).strip()}\nSee `deim help` for the settings.") from None
+    finally:
+        LOGGER.setLevel(level)
+
+
 def parse(argv: list[str]) -> tuple[str, dict]:
     """Split `MODE key=value ...` into the mode and a dict of typed values, validated like `yolo` does.
 
     Raises:
-        SyntaxError: For an unknown key (with Ultralytics' "similar arguments" hint) or a bare word.
+        SyntaxError: For an unknown key (with Ultralytics' "similar arguments" hint), a DEIM setting of another mode,
+            or a bare word.
     """
     mode, *pairs = merge_equals_args(argv)
     overrides = {}
@@ -47,7 +67,7 @@ def parse(argv: list[str]) -> tuple[str, dict]:
             raise SyntaxError(f"'{pair}' is missing '=': arguments are key=value pairs, e.g. epochs=10")
         key, value = parse_key_value_pair(pair)
         overrides[key] = value
-    check_dict_alignment(CONVERT_KEYS if mode == "convert" else DEIM_CFG_DICT, overrides)
+    check_keys(mode, overrides)
     return mode, overrides
 
 
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(mode, overrides)
-    except (FileNotFoundError, TypeError, ValueError, DivergedError) as e:
+    except (FileNotFoundError, TypeError, ValueError, DatasetError, DivergedError) as e:
         LOGGER.error(f"deim {mode} failed: {type(e).__name__}: {e}")
         return 1
     return 0

@@ -14,7 +14,7 @@ Mapped (the Ultralytics key keeps its meaning, DEIM's pipeline honours it):
     time          Ultralytics re-estimates epochs from the epoch time; the policy epochs are rescaled with it
 Fixed by the recipe (another value is refused): optimizer, warmup_epochs, close_mosaic, nbs (no accumulation).
 Refused unless left at Ultralytics' default: the YOLO augmentation and lr-schedule keys in UNSUPPORTED, and under
-every recipe, `recipe=none` included, the YOLO loss gains and `rect` in NO_EFFECT (DEIM's loss has its own weights).
+every recipe, `recipe=none` included, the YOLO loss gains, `rect` and the export setting `sampler` in NO_EFFECT.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ UNSUPPORTED = {
     **dict.fromkeys(("copy_paste", "copy_paste_mode"), _AUGMENT),
     **dict.fromkeys(("cos_lr", "warmup_momentum", "warmup_bias_lr"), _SCHEDULE),
 }
-# Ultralytics settings that no DEIM training reads, whatever the recipe: the criterion has its own loss_* weights and
-# RT-DETR training batches are square.
+# Settings that no DEIM training reads, whatever the recipe: the criterion has its own loss_* weights, RT-DETR training
+# batches are square, and `sampler` is an export setting.
 NO_EFFECT = {
     "box": "DEIM weights its box terms with loss_bbox (L1) and loss_giou",
     "cls": "DEIM weights its classification term with loss_mal",
     "dfl": "DEIM weights its distribution terms with loss_fgl and loss_ddf",
     "rect": "DETR training uses square batches (so does Ultralytics' RT-DETR trainer)",
+    "sampler": "it chooses the attention of exported graphs; pass it to export",
 }
 
 
@@ -75,9 +76,9 @@ def refuse(name: str, key: str, value, reason: str) -> None:
 
 
 def check_effective(overrides: dict) -> None:
-    """Refuse every setting of `overrides` in NO_EFFECT that differs from Ultralytics' default, under any recipe."""
+    """Refuse every setting of `overrides` in NO_EFFECT that differs from its default, under any recipe."""
     for key, reason in NO_EFFECT.items():
-        if key in overrides and overrides[key] != DEFAULT_CFG_DICT[key]:
+        if key in overrides and overrides[key] != DEIM_CFG_DICT[key]:
             raise ValueError(f"deim-ultra cannot honour {key}={overrides[key]}: {reason}. Drop it")
 
 

@@ -30,7 +30,7 @@ from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, ultralytics_args
 from deim_ultra.checkpoint_io import drop_results_after, publish, strip_atomically
 from deim_ultra.checkpoint_safety import check_checkpoint
-from deim_ultra.data.audit import LabelAudit, check_training_set, with_one_based_hint
+from deim_ultra.data.audit import DatasetError, LabelAudit, check_training_set, with_one_based_hint
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
@@ -190,6 +190,13 @@ class DEIMTrainer(RTDETRTrainer):
     def recipe_active(self) -> bool:
         """Whether DEIM's schedule runs (any recipe but `none`)."""
         return self.args.recipe != "none"
+
+    def get_dataset(self) -> dict:
+        """Ultralytics' dataset check, its errors (a missing folder, a failed download) raised as `DatasetError`."""
+        try:
+            return super().get_dataset()
+        except RuntimeError as e:  # Ultralytics wraps every dataset problem in a RuntimeError
+            raise DatasetError(str(e)) from e
 
     def get_model(self, cfg: str | dict | None = None, weights: nn.Module | None = None, verbose: bool = True):
         """Build the model for the dataset's classes (DEIM or Ultralytics RT-DETR layers), loading `weights`."""

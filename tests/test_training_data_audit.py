@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from deim_ultra import DEIM
+from deim_ultra.data.audit import DatasetError
+
+from helpers import deim_cli
 
 SETTINGS = dict(epochs=1, imgsz=64, batch=4, workers=0, policy_epochs=[1, 1, 1], warmup_iters=1, plots=False)
 
@@ -107,5 +110,9 @@ def test_one_based_class_ids_are_named_as_the_likely_off_by_one(tiny_data, tmp_p
 def test_one_based_ids_in_every_image_fail_with_the_hint(tiny_data, tmp_path):
     yaml_file, _, labels = dataset_copy(tiny_data, tmp_path)
     one_based(labels, keep_top_class=True)  # every image holds a class-2 box, now 3: the scan keeps none
-    with pytest.raises(RuntimeError, match="(?s)No valid images found.*class ids look 1-based.*subtract 1"):
+    with pytest.raises(DatasetError, match="(?s)No valid images found.*class ids look 1-based.*subtract 1"):
         DEIM("deim-n.yaml").train(data=str(yaml_file), project=str(tmp_path), name="run", **SETTINGS)
+    cli = deim_cli("train", "model=deim-n.yaml", f"data={yaml_file}", "epochs=1", "imgsz=64", "workers=0", cwd=tmp_path)
+    assert cli.returncode == 1  # one error line with the hint, no traceback
+    assert "deim train failed: DatasetError" in cli.stdout + cli.stderr and "subtract 1" in cli.stdout + cli.stderr
+    assert "Traceback" not in cli.stdout + cli.stderr

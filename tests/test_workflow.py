@@ -128,6 +128,34 @@ def test_unknown_key_fails_with_hint(tiny_data, tmp_path):
     assert result.returncode != 0
     assert "'epochz' is not a valid" in result.stdout + result.stderr
     assert "epochs" in result.stdout + result.stderr
+    assert "Arguments received" not in result.stdout + result.stderr  # no `yolo` help before the hint
+    assert "See `deim help`" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "mode, pair, message",
+    [
+        ("predict", "sampler=gather", "'sampler' is a DEIM export setting: `deim predict` does not use it"),
+        ("val", "cls_loss=vfl", "'cls_loss' is a DEIM train setting: `deim val` does not use it"),
+        ("train", "sampler=gather", "'sampler' is a DEIM export setting: `deim train` does not use it"),
+    ],
+)
+def test_deim_setting_of_another_mode_is_refused_in_one_line(mode, pair, message, tmp_path):
+    result = deim_cli(mode, "model=deim-n.yaml", pair, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_missing_val_folder_is_one_line_naming_it(tiny_data, tmp_path):
+    data = tmp_path / "data.yaml"
+    data.write_text(tiny_data.read_text().replace("val: images/val", "val: images/nothere"))
+    result = deim_cli("train", "model=deim-n.yaml", f"data={data}", "epochs=1", "imgsz=64", cwd=tmp_path)
+    assert result.returncode == 1
+    assert (
+        "deim train failed: DatasetError" in result.stdout + result.stderr
+        and "nothere" in result.stdout + result.stderr
+    )
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_deim_keys_are_accepted_and_documented(tmp_path):

@@ -25,6 +25,11 @@ from ultralytics.utils import LOGGER, NUM_THREADS
 
 from deim_ultra.weights import listing
 
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be trained on as given; the message names the file or folder and the fix."""
+
+
 LARGE_IMAGE_PIXELS = 40_000_000  # e.g. 8000 x 5000: decoding and downscaling it costs more than the training step
 CONVERSIONS = {  # kind: (what the images are, what Ultralytics' loader does with them)
     "grayscale": ("grayscale image(s)", "converted to 3 channels"),
@@ -106,12 +111,12 @@ def first_column_ids(label_files: Iterable[str]) -> np.ndarray:
     return np.asarray(ids)
 
 
-def with_one_based_hint(error: RuntimeError, img_path: str | list[str], nc: int) -> RuntimeError:
+def with_one_based_hint(error: RuntimeError, img_path: str | list[str], nc: int) -> DatasetError:
     """Ultralytics' "No valid images found" error for a training folder, with the off-by-one hint where it applies."""
     folders = [Path(p) for p in (img_path if isinstance(img_path, list) else [img_path]) if Path(p).is_dir()]
     images = [str(f) for d in folders for f in sorted(d.rglob("*")) if f.suffix[1:].lower() in IMG_FORMATS]
     hint = one_based_hint(first_column_ids(img2label_paths(images)), nc)
-    return RuntimeError(f"{error}\n{hint}") if hint else error
+    return DatasetError(f"{error}\n{hint}" if hint else str(error))
 
 
 def image_kind(file: str) -> str | None:
