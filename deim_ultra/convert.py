@@ -68,11 +68,17 @@ def load_official_weights(
     mapped, unmatched = map_official_keys({k: v for k, v in state.items() if k not in derived}, prefixes)
     training_only = {rename_official_key(k, prefixes) for k in TRAINING_ONLY_KEYS}
     rebuilt = {rename_official_key(k, prefixes) for k in DERIVED_KEYS}
-    try:
-        missing, unexpected = model.load_state_dict(mapped, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{source} does not fit {model.yaml.get('yaml_file', 'this model YAML')}: {e}") from e
     official_name = {v: k for k, v in prefixes.items()}  # report keys as the checkpoint names them
+    ours = model.state_dict()
+    resized = [k for k, v in mapped.items() if k in ours and ours[k].shape != v.shape]
+    if resized:  # load_state_dict would list every one of them, hundreds of lines for another size
+        key = resized[0]
+        raise ValueError(
+            f"{source} does not match {model.yaml.get('yaml_file', 'the model YAML')} (is it another size?): "
+            f"{len(resized)} tensors differ in shape, e.g. '{rename_official_key(key, official_name)}' "
+            f"{tuple(mapped[key].shape)} against {tuple(ours[key].shape)}"
+        )
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
     required = [rename_official_key(k, official_name) or k for k in missing if k not in training_only | rebuilt]
     unexpected = unmatched + [rename_official_key(k, official_name) for k in unexpected]
     if required or unexpected:
@@ -83,7 +89,6 @@ def load_official_weights(
         )
     for key in sorted(set(missing) & training_only):
         LOGGER.info(f"{source}: '{rename_official_key(key, official_name)}' absent (training-only), initialised anew")
-    ours = model.state_dict()
     for key, value in derived.items():
         buffer = ours[rename_official_key(key, prefixes)]
         if value.shape != buffer.shape or not torch.equal(value, buffer):
@@ -119,7 +124,7 @@ def convert_official(src: str | Path | dict, model: str | Path = "deim-n.yaml") 
 
 
 def convert_official_file(weights: str | Path, model: str | Path = "deim-n.yaml") -> Path:
-    """Convert an official `.pth` file and save it beside the current directory as `<name>.pt` for `DEIM()`."""
+    """Convert an official `.pth` file and save it in the current directory as `<name>.pt` for `DEIM()`."""
     if weights is None:
         raise ValueError("Give the official checkpoint: deim convert weights=path/to/official.pth model=deim-s.yaml")
     out = Path(Path(weights).stem + ".pt")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from deim_ultra.checkpoint_safety import UnsafeCheckpointError, pickled_globals
+from deim_ultra.checkpoint_safety import UnsafeCheckpointError, is_trusted_global, pickled_globals
 
 
 def refused_globals(path: Path) -> list[str]:
@@ -23,7 +23,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: When `path` does not exist.
-        ValueError: Naming the file, when it is not a readable PyTorch file or does not hold a dict.
+        ValueError: Naming the file, when it is not a readable PyTorch file, does not hold a dict, or is an
+            Ultralytics checkpoint (pickled modules) rather than weights.
         UnsafeCheckpointError: Naming what the pickle would call, when it holds anything but tensors and plain data.
     """
     path = Path(path)
@@ -33,6 +34,11 @@ def read_checkpoint(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises unpickling, zip and runtime errors alike for a bad file
         names = refused_globals(path)
+        if names and all(is_trusted_global(n) for n in names):  # whole modules: an Ultralytics training checkpoint
+            raise ValueError(
+                f"'{path}' is an Ultralytics / deim-ultra checkpoint (it pickles modules such as {names[0]}), not a "
+                f"weights file: load it with DEIM('{path}')"
+            ) from e
         if names:  # weights_only refused them before calling any
             raise UnsafeCheckpointError(
                 f"'{path}' refused: a weights file holds tensors only, but its pickle names {', '.join(names)}, which "

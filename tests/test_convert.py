@@ -9,6 +9,8 @@ import torch
 
 from deim_ultra import DEIM, convert_official
 
+from helpers import deim_cli
+
 
 @pytest.fixture(scope="module")
 def official(parity_fixture) -> dict:
@@ -64,6 +66,33 @@ def test_cli_convert_writes_loadable_checkpoint(official, parity_fixture, tmp_pa
     images = parity_fixture["images"][:1]
     loaded, direct = DEIM(tmp_path / "deim_n_official.pt"), convert_official(official, "deim-n.yaml")
     assert torch.equal(eval_logits(loaded, images), eval_logits(direct, images))  # float32 kept
+
+
+def random_official_n(path) -> None:
+    """Save a randomly initialised DEIM-N under the official key names, as the authors' `.pth` layout."""
+    from deim_ultra.official_names import official_namer
+
+    model = DEIM("deim-n.yaml").model
+    namer = official_namer(model)
+    torch.save({"model": {namer(k): v for k, v in model.state_dict().items()}}, path)
+
+
+def test_cli_convert_into_another_size_says_so_in_a_few_lines(tmp_path):
+    random_official_n(tmp_path / "n.pth")
+    result = deim_cli("convert", "weights=n.pth", "model=deim-s.yaml", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "does not match" in out and "deim-s.yaml (is it another size?)" in out and "tensors differ in shape" in out
+    assert len(out.strip().splitlines()) < 5, out  # torch's message lists every mismatched tensor, 249 lines
+    assert not (tmp_path / "n.pt").exists()
+
+
+def test_cli_convert_of_an_ultralytics_checkpoint_points_to_deim(tmp_path):
+    DEIM("deim-n.yaml").save(tmp_path / "best.pt")  # what training writes: pickled modules, not a weights file
+    result = deim_cli("convert", "weights=best.pt", "model=deim-n.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "is an Ultralytics / deim-ultra checkpoint" in result.stdout + result.stderr
+    assert "load it with DEIM('best.pt')" in result.stdout + result.stderr
 
 
 def test_dfine_checkpoint_converts_into_a_relu_yaml(official, parity_fixture, tmp_path):
