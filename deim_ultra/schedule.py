@@ -105,6 +105,12 @@ def stage_at(epoch: int, policy: Policy) -> str:
     return STAGES[sum(epoch >= e for e in policy)]
 
 
+def empty_stages(policy: Policy, epochs: int) -> list[str]:
+    """The stages of STAGES that get no epoch in a run of `epochs` under `policy`."""
+    bounds = (0, *policy, epochs)
+    return [stage for stage, start, end in zip(STAGES, bounds, bounds[1:]) if end <= start]
+
+
 def flat_cosine_factor(
     iteration: int, iters_per_epoch: int, policy: Policy, warmup_iters: int, lr_gamma: float
 ) -> float:

@@ -46,6 +46,7 @@ from deim_ultra.schedule import (
     RECIPES,
     check_policy,
     ema_decay,
+    empty_stages,
     flat_cosine_factor,
     multiscale_sizes,
     scale_policy,
@@ -351,6 +352,12 @@ class DEIMTrainer(RTDETRTrainer):
                 f"{self.epochs}: warmup < {policy[0]} <= Dense O2O < {policy[1]} <= augment < {policy[2]} <= "
                 f"no-aug tail"
             )
+            empty = empty_stages(policy, self.epochs)
+            if empty:
+                LOGGER.warning(
+                    f"DEIM schedule: {self.epochs} epochs leave no epoch to stage(s) {', '.join(empty)}; set "
+                    "policy_epochs=[e0,e1,e2] to place them, or train longer"
+                )
         self.policy = policy
 
     def _setup_train(self):

@@ -1,5 +1,6 @@
 """DEIM's recipe, schedule and optimizer groups: hand-computed values and the official DEIM-N group regexes."""
 
+import logging
 import math
 import re
 
@@ -8,7 +9,15 @@ import torch
 from torch import nn
 
 from deim_ultra.optim import build_adamw, official_param_groups, param_groups
-from deim_ultra.schedule import RECIPES, ema_decay, flat_cosine_factor, multiscale_sizes, scale_policy, stage_at
+from deim_ultra.schedule import (
+    RECIPES,
+    ema_decay,
+    empty_stages,
+    flat_cosine_factor,
+    multiscale_sizes,
+    scale_policy,
+    stage_at,
+)
 
 # DEIM-N config: (regex, lr, weight decay) per group, in config order; unmatched parameters get (lr, weight decay).
 LR, BACKBONE_LR, WD = 8e-4, 4e-4, 1e-4
@@ -61,6 +70,23 @@ def test_stage_at_boundaries():
     got = [stage_at(e, policy) for e in (0, 3, 4, 63, 64, 119, 120, 131)]
     assert got == ["warmup", "warmup", "dense_o2o", "dense_o2o", "aug", "aug", "no_aug", "no_aug"]
     assert [stage_at(e, (1, 1, 2)) for e in range(3)] == ["warmup", "aug", "no_aug"]
+
+
+def test_empty_stages():
+    assert empty_stages((4, 64, 120), 132) == []
+    assert empty_stages((1, 1, 1), 2) == ["dense_o2o", "aug"]  # DEIM-N's recipe scaled to 2 epochs
+    assert empty_stages((1, 2, 3), 3) == ["no_aug"]
+
+
+def test_short_run_names_the_stages_it_leaves_out(tiny_data, tmp_path, caplog):
+    from deim_ultra import DEIM
+
+    caplog.set_level(logging.INFO, logger="ultralytics")
+    DEIM("deim-n.yaml").train(
+        data=str(tiny_data), epochs=2, imgsz=64, batch=4, workers=0, val=False, plots=False, project=str(tmp_path)
+    )
+    assert "policy epochs [1, 1, 1] of 2" in caplog.text  # N's (4, 78, 148) of 160, scaled and clamped
+    assert "2 epochs leave no epoch to stage(s) dense_o2o, aug" in caplog.text
 
 
 def test_scale_policy_identity():
