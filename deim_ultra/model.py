@@ -99,6 +99,15 @@ class DEIM(Model):
             )
         if kwargs.get("recipe", "auto") == "auto" and not kwargs.get("resume"):
             kwargs["recipe"] = getattr(self.model, "yaml", {}).get("recipe", "none")
+        if kwargs.get("resume") is True and self.ckpt and self.ckpt.get("optimizer") is None:
+            # Ultralytics would warn and start a new run, on its default dataset unless `data` is given
+            raise ValueError(
+                f"'{self.ckpt_path}' holds no optimizer state (a finished run's checkpoint, or a converted model): "
+                f"nothing to resume. Fix: start a new run, DEIM('{self.ckpt_path}').train(data=...), or resume an "
+                "unfinished run's last.pt"
+            )
+        if kwargs.get("cfg") and not kwargs.get("resume"):
+            kwargs.setdefault("save_dir", None)  # an args.yaml names its run's folder: a new run must not overwrite it
         return super().train(trainer=trainer, **kwargs)
 
     def export(self, **kwargs: Any) -> str:

@@ -106,6 +106,24 @@ def test_onnx_export_matches_pytorch_and_stock_ultralytics(trained, tiny_data, t
     assert_same_detections(reference, detections(stock.predict(image, max_det=40, **kwargs)))
 
 
+def test_resuming_a_finished_run_is_refused(trained, tiny_data):
+    from deim_ultra import DEIM
+
+    with pytest.raises(ValueError, match="holds no optimizer state .* nothing to resume"):
+        DEIM(trained / "weights" / "last.pt").train(resume=True)  # Ultralytics alone starts a new run on coco8
+    result = deim_cli("train", "resume=True", f"model={trained / 'weights' / 'last.pt'}", cwd=trained)
+    assert result.returncode == 1 and "nothing to resume" in result.stdout + result.stderr
+
+
+def test_a_run_from_an_args_yaml_leaves_that_run_alone(trained, tiny_data, tmp_path):
+    from deim_ultra import DEIM
+
+    before = {p.name: p.read_bytes() for p in (trained / "weights").glob("*.pt")}
+    DEIM("deim-n.yaml").train(cfg=str(trained / "args.yaml"), epochs=1, imgsz=64, project=str(tmp_path), name="new")
+    assert (tmp_path / "new" / "weights" / "last.pt").is_file()  # the args.yaml's own save_dir is not reused
+    assert {p.name: p.read_bytes() for p in (trained / "weights").glob("*.pt")} == before
+
+
 def test_checkpoint_reloads_in_fresh_process(trained, tiny_data):
     from deim_ultra import DEIM
 
