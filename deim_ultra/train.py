@@ -350,7 +350,7 @@ class DEIMTrainer(RTDETRTrainer):
             LOGGER.info(
                 f"{colorstr('DEIM schedule:')} recipe {self.args.recipe}, policy epochs {list(policy)} of "
                 f"{self.epochs}: warmup < {policy[0]} <= Dense O2O < {policy[1]} <= augment < {policy[2]} <= "
-                f"no-aug tail"
+                f"no-aug tail; lr warmup {self.warmup_iters} iterations"
             )
             empty = empty_stages(policy, self.epochs)
             if empty:
