@@ -51,12 +51,14 @@ def drop_results_after(csv: Path, epoch: int) -> int:
     """Remove the rows of Ultralytics' results.csv after 1-based `epoch`, atomically; return how many went.
 
     A run killed after writing an epoch's row but before saving its checkpoint resumes at that epoch and would log
-    it twice.
+    it twice; a row cut short by the kill (fewer fields than the header) goes too.
     """
-    if not csv.is_file():
+    lines = csv.read_text().splitlines(keepends=True) if csv.is_file() else []
+    if not lines:
         return 0
-    header, *rows = csv.read_text().splitlines(keepends=True)
-    kept = [row for row in rows if float(row.split(",", 1)[0]) <= epoch]
+    header, *rows = lines
+    fields = header.count(",")
+    kept = [row for row in rows if row.count(",") == fields and float(row.split(",", 1)[0]) <= epoch]
     if len(kept) < len(rows):
         replace_atomically(csv, lambda tmp: tmp.write_text(header + "".join(kept)))
     return len(rows) - len(kept)
