@@ -128,6 +128,11 @@ def on_train_epoch_end(trainer: DEIMTrainer) -> None:
         LOGGER.warning(f"Epoch {trainer.epoch + 1}: {summary}")
 
 
+def remember_applied_loss(trainer: DEIMTrainer) -> None:
+    """Keep the loss of the last batch whose step was applied, for `optimizer_step` to put back after a skip."""
+    trainer.applied_loss = trainer.loss
+
+
 def on_train_batch_start(trainer: DEIMTrainer) -> None:
     """Set the FlatCosine learning rate of this iteration."""
     trainer.apply_lr()
@@ -158,7 +163,8 @@ class DEIMTrainer(RTDETRTrainer):
             if len(self.args.policy_epochs) != 3:
                 raise ValueError(f"policy_epochs={self.args.policy_epochs}: give three epochs [e0, e1, e2]")
             check_policy(tuple(self.args.policy_epochs), self.args.epochs)
-        callbacks = [("on_train_epoch_end", on_train_epoch_end)]
+        self.applied_loss: torch.Tensor | None = None
+        callbacks = [("on_train_epoch_end", on_train_epoch_end), ("on_train_batch_start", remember_applied_loss)]
         if self.recipe_active:
             callbacks += [
                 ("on_train_epoch_start", on_train_epoch_start),
@@ -481,6 +487,9 @@ class DEIMTrainer(RTDETRTrainer):
         if self.nonfinite.skip(self.loss, judged, self.batch_files, f"epoch {self.epoch + 1}"):
             self.scaler.update()  # closes this step's unscale_, so the next step may unscale again
             self.optimizer.zero_grad()
+            # Ultralytics' end-of-epoch check reads the last batch's loss and, if it is not finite, reloads last.pt
+            # and trains the epoch again; a skipped batch changed nothing, so it must not count as the last one.
+            self.loss = self.applied_loss
             if self.ema:
                 restore_buffers(unwrap_model(self.model), self.ema.ema)
             self.nonfinite.check_patience()

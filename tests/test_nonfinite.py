@@ -58,6 +58,17 @@ def test_a_nan_batch_is_skipped_and_training_goes_on(tiny_data, tmp_path, caplog
     assert "Epoch 2: " not in caplog.text  # the count restarts with each epoch
 
 
+def test_a_nan_last_batch_does_not_make_ultralytics_redo_the_epoch(tiny_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ultralytics")
+    model = DEIM("deim-n.yaml")
+    poison_forwards(model, bad={4})  # 2 batches per epoch: the last batch of epoch 2
+    model.train(data=str(tiny_data), project=str(tmp_path), name="run", **{**SETTINGS, "epochs": 3})
+    assert model.trainer.nonfinite.total == 1 and "Epoch 2: 1 optimizer step(s) skipped" in caplog.text
+    assert "recovering from last.pt" not in caplog.text  # Ultralytics' own NaN check would reload and redo epoch 2
+    rows = (tmp_path / "run" / "results.csv").read_text().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows] == [1, 2, 3]
+
+
 def test_a_run_that_keeps_diverging_stops_and_keeps_its_last_checkpoint(tiny_data, tmp_path):
     model = DEIM("deim-n.yaml")
     poison_forwards(model, bad=set(range(3, 100)))  # epoch 1 has 2 batches: epoch 2 is NaN from its first batch
@@ -65,7 +76,7 @@ def test_a_run_that_keeps_diverging_stops_and_keeps_its_last_checkpoint(tiny_dat
         settings = {**SETTINGS, "epochs": 4, "nonfinite_patience": 3}
         model.train(data=str(tiny_data), project=str(tmp_path), name="run", **settings)
     last = torch.load(tmp_path / "run" / "weights" / "last.pt", weights_only=False)
-    assert last["epoch"] == 0 and all_finite(last["ema"])
+    assert last["epoch"] == 1 and all_finite(last["ema"])  # epoch 2 finished with every step skipped
     assert all_finite(model.trainer.model)
 
 
