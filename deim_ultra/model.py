@@ -88,8 +88,12 @@ class DEIM(Model):
         """Train; see Ultralytics' `Model.train`. Accepts shipped dataset names such as `data="deepforest.yaml"`.
 
         With `recipe=auto` (the default) the recipe is the model's own (`recipe` in its YAML, e.g. `s` for
-        deim-s.yaml), so a checkpoint fine-tunes with its size's defaults.
+        deim-s.yaml), so a checkpoint fine-tunes with its size's defaults. `resume=True` continues this model's
+        checkpoint, `resume=<last.pt>` that file's, with the settings the run was started with.
         """
+        if isinstance(kwargs.get("resume"), (str, Path)):  # Ultralytics' `resume=<last.pt>` form
+            self._load(str(kwargs["resume"]))
+            kwargs["resume"] = True
         if "data" in kwargs:
             kwargs["data"] = resolve_data_yaml(kwargs["data"])
         if self.ckpt and is_backbone_file(kwargs.get("pretrained")) and not kwargs.get("resume"):

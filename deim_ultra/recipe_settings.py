@@ -114,13 +114,16 @@ def multi_scale_settings(name: str, overrides: dict) -> dict:
 def recipe_overrides(overrides: dict) -> dict:
     """Return `overrides` completed with the per-size recipe's defaults for every key the user did not set.
 
-    A model without a `recipe` key (e.g. Ultralytics' rtdetr-l.yaml) and `recipe=none` keep Ultralytics' defaults.
+    A model without a `recipe` key (e.g. Ultralytics' rtdetr-l.yaml) and `recipe=none` keep Ultralytics' defaults;
+    `resume` keeps the checkpoint's settings, so nothing is filled in (a recipe default would override them).
     The result is a fixed point (passing it through again changes nothing), as Ultralytics' DDP workers rebuild the
     trainer from the complete settings.
 
     Raises:
         ValueError: Naming the key, for a setting the recipe cannot honour.
     """
+    if overrides.get("resume"):  # a resumed run takes its settings from the checkpoint (Ultralytics' check_resume)
+        return {k: v for k, v in overrides.items() if k != "recipe"}
     check_effective(overrides)
     name = recipe_name(overrides)
     if name == "none":

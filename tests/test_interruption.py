@@ -9,6 +9,8 @@ import textwrap
 import pytest
 import torch
 
+from helpers import deim_cli
+
 # The child trains 2 epochs and is SIGKILLed halfway through writing last.pt: at the end of epoch 2 (Ultralytics
 # writes checkpoint bytes with Path.write_bytes) or in the final optimizer strip (torch.save to a path); or ("row")
 # just before writing epoch 2's checkpoint, after its results.csv row.
@@ -77,12 +79,21 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, mo
     assert (last["optimizer"] is not None) and last["ema"] is not None
 
 
-def test_resume_after_a_kill_between_results_row_and_checkpoint_logs_each_epoch_once(tiny_data, tmp_path):
+@pytest.mark.parametrize("form", ["python", "cli path"])
+def test_resume_after_a_kill_between_results_row_and_checkpoint_logs_each_epoch_once(form, tiny_data, tmp_path):
+    from ultralytics.utils import YAML
+
     from deim_ultra import DEIM
 
     killed_child("row", tiny_data, tmp_path)
     run = tmp_path / "run"
     assert results_epochs(run) == [1, 2]
     assert torch.load(run / "weights" / "last.pt", weights_only=False)["epoch"] == 0  # epoch 2 is trained again
-    DEIM(run / "weights" / "last.pt").train(resume=True)
+    if form == "python":
+        DEIM(run / "weights" / "last.pt").train(resume=True)
+    else:  # Ultralytics' `resume=<last.pt>` form, no model given
+        result = deim_cli("train", f"resume={run / 'weights' / 'last.pt'}", cwd=tmp_path)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+        assert "Resume ignores" not in result.stdout + result.stderr  # neither recipe defaults nor `recipe` itself
     assert results_epochs(run) == [1, 2]  # Ultralytics alone appends a second row for epoch 2
+    assert YAML.load(run / "args.yaml")["batch"] == SETTINGS["batch"]  # not recipe n's 128

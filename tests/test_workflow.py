@@ -113,6 +113,8 @@ def test_resuming_a_finished_run_is_refused(trained, tiny_data):
         DEIM(trained / "weights" / "last.pt").train(resume=True)  # Ultralytics alone starts a new run on coco8
     result = deim_cli("train", "resume=True", f"model={trained / 'weights' / 'last.pt'}", cwd=trained)
     assert result.returncode == 1 and "nothing to resume" in result.stdout + result.stderr
+    result = deim_cli("train", f"resume={trained / 'weights' / 'last.pt'}", cwd=trained)  # the path form
+    assert result.returncode == 1 and "nothing to resume" in result.stdout + result.stderr
 
 
 def test_a_run_from_an_args_yaml_leaves_that_run_alone(trained, tiny_data, tmp_path):
