@@ -86,8 +86,9 @@ class NonFiniteSteps:
         raise DivergedError(
             f"Training diverged: {self.consecutive} optimizer steps in a row had a non-finite {what} (last at {where}, "
             f"images {names}). No step was applied, so the weights are those of the last finite step and last.pt "
-            "holds the last finished epoch. Fix: lower lr0, try amp=False, or check the images named above; "
-            "nonfinite_patience sets how many skips in a row are tolerated"
+            "holds the last finished epoch. Fix: check the images named above, then train from last.pt with a lower "
+            "lr0 or amp=False (resume=True would keep the run's own); nonfinite_patience sets how many skips in a "
+            "row are tolerated"
         )
 
     def epoch_summary(self) -> str | None:
