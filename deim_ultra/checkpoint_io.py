@@ -51,16 +51,18 @@ def drop_results_after(csv: Path, epoch: int) -> int:
     """Remove the rows of Ultralytics' results.csv after 1-based `epoch`, atomically; return how many went.
 
     A run killed after writing an epoch's row but before saving its checkpoint resumes at that epoch and would log
-    it twice; a row cut short by the kill (fewer fields than the header) goes too.
+    it twice; a row cut short by the kill (fewer fields than the header) goes too. A file without a complete header
+    line is removed, so that Ultralytics starts it anew with one.
     """
-    lines = csv.read_text().splitlines(keepends=True) if csv.is_file() else []
-    if not lines:
+    text = csv.read_text() if csv.is_file() else ""
+    header, newline, body = text.partition("\n")
+    if not newline:
+        csv.unlink(missing_ok=True)
         return 0
-    header, *rows = lines
-    fields = header.count(",")
-    kept = [row for row in rows if row.count(",") == fields and float(row.split(",", 1)[0]) <= epoch]
-    if len(kept) < len(rows):
-        replace_atomically(csv, lambda tmp: tmp.write_text(header + "".join(kept)))
+    rows = body.splitlines()
+    kept = [row for row in rows if row.count(",") == header.count(",") and float(row.split(",", 1)[0]) <= epoch]
+    if kept != rows or not text.endswith("\n"):
+        replace_atomically(csv, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in (header, *kept))))
     return len(rows) - len(kept)
 
 

@@ -9,6 +9,8 @@ from ultralytics.engine.model import Model
 from ultralytics.models.rtdetr.predict import RTDETRPredictor
 from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.nn.tasks import RTDETRDetectionModel
+from ultralytics.utils import YAML
+from ultralytics.utils.checks import check_yaml
 
 from deim_ultra.backbone_weights import is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
@@ -89,11 +91,19 @@ class DEIM(Model):
 
         With `recipe=auto` (the default) the recipe is the model's own (`recipe` in its YAML, e.g. `s` for
         deim-s.yaml), so a checkpoint fine-tunes with its size's defaults. `resume=True` continues this model's
-        checkpoint, `resume=<last.pt>` that file's, with the settings the run was started with.
+        checkpoint, `resume=<last.pt>` that file's, with the settings the run was started with; `cfg=<args.yaml>`
+        starts a new run with that file's settings (its recipe included) in a folder of its own.
         """
         if isinstance(kwargs.get("resume"), (str, Path)):  # Ultralytics' `resume=<last.pt>` form
             self._load(str(kwargs["resume"]))
             kwargs["resume"] = True
+        if kwargs.get("resume") is True:
+            self.check_resumable()
+        from_file = YAML.load(check_yaml(kwargs["cfg"])) if kwargs.get("cfg") else {}
+        if from_file and not kwargs.get("resume"):
+            # An args.yaml repeats its run's settings in a new run: not the run's folder, and no resume of its last.pt.
+            kwargs.setdefault("save_dir", None)
+            kwargs.setdefault("resume", False)
         if "data" in kwargs:
             kwargs["data"] = resolve_data_yaml(kwargs["data"])
         if self.ckpt and is_backbone_file(kwargs.get("pretrained")) and not kwargs.get("resume"):
@@ -101,18 +111,26 @@ class DEIM(Model):
                 f"pretrained={kwargs['pretrained']} initialises the backbone of a model built from a YAML, but this "
                 f"model was loaded from '{self.ckpt_path}' and already holds weights. Fix: DEIM('deim-<size>.yaml')"
             )
-        if kwargs.get("recipe", "auto") == "auto" and not kwargs.get("resume"):
+        if kwargs.get("recipe", from_file.get("recipe", "auto")) == "auto" and not kwargs.get("resume"):
             kwargs["recipe"] = getattr(self.model, "yaml", {}).get("recipe", "none")
-        if kwargs.get("resume") is True and self.ckpt and self.ckpt.get("optimizer") is None:
-            # Ultralytics would warn and start a new run, on its default dataset unless `data` is given
+        return super().train(trainer=trainer, **kwargs)
+
+    def check_resumable(self) -> None:
+        """Raise unless this model was loaded from a checkpoint that can resume (it still holds its optimizer state).
+
+        Ultralytics would warn and start a new run instead, on its default dataset unless `data` is given.
+        """
+        if not self.ckpt:
+            raise ValueError(
+                "resume=True continues a checkpoint, but this model was built from a YAML. Fix: "
+                "resume=runs/detect/train/weights/last.pt, or DEIM('<last.pt>').train(resume=True)"
+            )
+        if self.ckpt.get("optimizer") is None:
             raise ValueError(
                 f"'{self.ckpt_path}' holds no optimizer state (a finished run's checkpoint, or a converted model): "
                 f"nothing to resume. Fix: start a new run, DEIM('{self.ckpt_path}').train(data=...), or resume an "
                 "unfinished run's last.pt"
             )
-        if kwargs.get("cfg") and not kwargs.get("resume"):
-            kwargs.setdefault("save_dir", None)  # an args.yaml names its run's folder: a new run must not overwrite it
-        return super().train(trainer=trainer, **kwargs)
 
     def export(self, **kwargs: Any) -> str:
         """Export; see Ultralytics' `Model.export`. DEIM adds `sampler`: "grid_sample" (default) or "gather", which

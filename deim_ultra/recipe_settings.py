@@ -123,7 +123,7 @@ def recipe_overrides(overrides: dict) -> dict:
         ValueError: Naming the key, for a setting the recipe cannot honour.
     """
     if overrides.get("resume"):  # a resumed run takes its settings from the checkpoint (Ultralytics' check_resume)
-        return {k: v for k, v in overrides.items() if k != "recipe"}
+        return overrides
     check_effective(overrides)
     name = recipe_name(overrides)
     if name == "none":

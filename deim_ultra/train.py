@@ -67,7 +67,7 @@ def backbone_modules(model: nn.Module) -> list[nn.Module]:
     return list(model.model[: len(model.yaml["backbone"])])
 
 
-def check_pretrained_model(weights: nn.Module | dict, pretrained) -> None:
+def check_pretrained_model(weights: nn.Module | dict, pretrained: bool | str | Path) -> None:
     """Refuse weights whose model is not a DEIM or RT-DETR one: Ultralytics would transfer none of their layers and
     train from random weights after logging "Transferred 0/N items"."""
     source = weights["model"] if isinstance(weights, dict) else weights
@@ -128,11 +128,6 @@ def on_train_epoch_end(trainer: DEIMTrainer) -> None:
         LOGGER.warning(f"Epoch {trainer.epoch + 1}: {summary}")
 
 
-def remember_applied_loss(trainer: DEIMTrainer) -> None:
-    """Keep the loss of the last batch whose step was applied, for `optimizer_step` to put back after a skip."""
-    trainer.applied_loss = trainer.loss
-
-
 def on_train_batch_start(trainer: DEIMTrainer) -> None:
     """Set the FlatCosine learning rate of this iteration."""
     trainer.apply_lr()
@@ -163,8 +158,8 @@ class DEIMTrainer(RTDETRTrainer):
             if len(self.args.policy_epochs) != 3:
                 raise ValueError(f"policy_epochs={self.args.policy_epochs}: give three epochs [e0, e1, e2]")
             check_policy(tuple(self.args.policy_epochs), self.args.epochs)
-        self.applied_loss: torch.Tensor | None = None
-        callbacks = [("on_train_epoch_end", on_train_epoch_end), ("on_train_batch_start", remember_applied_loss)]
+        self.applied_loss: torch.Tensor | None = None  # the loss of the last step applied, see `optimizer_step`
+        callbacks = [("on_train_epoch_end", on_train_epoch_end)]
         if self.recipe_active:
             callbacks += [
                 ("on_train_epoch_start", on_train_epoch_start),
@@ -269,7 +264,9 @@ class DEIMTrainer(RTDETRTrainer):
                 if self.recipe_active
                 else super().build_dataset(img_path, mode, batch)
             )
-        except RuntimeError as e:  # Ultralytics' scan kept no image
+        except RuntimeError as e:
+            if "No valid images found" not in str(e):  # Ultralytics' scan kept no image; anything else is not data
+                raise
             raise with_one_based_hint(e, img_path, self.data["nc"]) from e
         self.train_audit = check_training_set(dataset, img_path, self.data["nc"])
         return dataset
@@ -497,5 +494,6 @@ class DEIMTrainer(RTDETRTrainer):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
+        self.applied_loss = self.loss
         if self.ema:
             self.ema.update(self.model)

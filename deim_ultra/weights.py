@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from deim_ultra.checkpoint_safety import UnsafeCheckpointError, is_trusted_global, pickled_globals
+from deim_ultra.checkpoint_safety import PLAIN_TYPES, UnsafeCheckpointError, is_trusted_global, pickled_globals
 
 
 def refused_globals(path: Path) -> list[str]:
@@ -34,9 +34,10 @@ def read_checkpoint(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises unpickling, zip and runtime errors alike for a bad file
         names = refused_globals(path)
-        if names and all(is_trusted_global(n) for n in names):  # whole modules: an Ultralytics training checkpoint
+        modules = [n for n in names if is_trusted_global(n) and n not in PLAIN_TYPES and not n.startswith("numpy.")]
+        if modules and all(is_trusted_global(n) for n in names):  # whole modules: an Ultralytics training checkpoint
             raise ValueError(
-                f"'{path}' is an Ultralytics / deim-ultra checkpoint (it pickles modules such as {names[0]}), not a "
+                f"'{path}' is an Ultralytics / deim-ultra checkpoint (it pickles modules such as {modules[0]}), not a "
                 f"weights file: load it with DEIM('{path}')"
             ) from e
         if names:  # weights_only refused them before calling any

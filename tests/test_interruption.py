@@ -97,3 +97,22 @@ def test_resume_after_a_kill_between_results_row_and_checkpoint_logs_each_epoch_
         assert "Resume ignores" not in result.stdout + result.stderr  # neither recipe defaults nor `recipe` itself
     assert results_epochs(run) == [1, 2]  # Ultralytics alone appends a second row for epoch 2
     assert YAML.load(run / "args.yaml")["batch"] == SETTINGS["batch"]  # not recipe n's 128
+
+
+@pytest.mark.parametrize(
+    "written, kept",
+    [
+        ("epoch,time,loss\n1,10,0.5\n2,20,0.4\n3,30,0.3\n", "epoch,time,loss\n1,10,0.5\n2,20,0.4\n"),
+        ("epoch,time,loss\n1,10,0.5\n2,20,0.4\n3,3", "epoch,time,loss\n1,10,0.5\n2,20,0.4\n"),  # row cut short
+        ("epoch,time,loss\n1,10,0.5\n2,20,0.4", "epoch,time,loss\n1,10,0.5\n2,20,0.4\n"),  # last newline lost
+        ("epoch,ti", None),  # header cut short: removed, Ultralytics writes a new one
+        ("", None),
+    ],
+)
+def test_results_csv_is_cut_back_to_the_resumed_epoch(written, kept, tmp_path):
+    from deim_ultra.checkpoint_io import drop_results_after
+
+    csv = tmp_path / "results.csv"
+    csv.write_text(written)
+    drop_results_after(csv, 2)
+    assert (csv.read_text() if csv.exists() else None) == kept

@@ -115,6 +115,8 @@ def test_resuming_a_finished_run_is_refused(trained, tiny_data):
     assert result.returncode == 1 and "nothing to resume" in result.stdout + result.stderr
     result = deim_cli("train", f"resume={trained / 'weights' / 'last.pt'}", cwd=trained)  # the path form
     assert result.returncode == 1 and "nothing to resume" in result.stdout + result.stderr
+    result = deim_cli("train", "resume=True", cwd=trained)  # no checkpoint at all: `yolo train resume` habits
+    assert result.returncode == 1 and "this model was built from a YAML" in result.stdout + result.stderr
 
 
 def test_a_run_from_an_args_yaml_leaves_that_run_alone(trained, tiny_data, tmp_path):
@@ -124,6 +126,18 @@ def test_a_run_from_an_args_yaml_leaves_that_run_alone(trained, tiny_data, tmp_p
     DEIM("deim-n.yaml").train(cfg=str(trained / "args.yaml"), epochs=1, imgsz=64, project=str(tmp_path), name="new")
     assert (tmp_path / "new" / "weights" / "last.pt").is_file()  # the args.yaml's own save_dir is not reused
     assert {p.name: p.read_bytes() for p in (trained / "weights").glob("*.pt")} == before
+
+
+def test_a_run_from_an_args_yaml_takes_its_recipe_and_does_not_resume(trained, tiny_data, tmp_path):
+    from ultralytics.utils import YAML
+
+    from deim_ultra import DEIM
+
+    args = YAML.load(trained / "args.yaml")  # a recipe-none run that was itself resumed once
+    YAML.save(tmp_path / "args.yaml", {**args, "recipe": "none", "resume": str(trained / "weights" / "last.pt")})
+    DEIM("deim-n.yaml").train(cfg=str(tmp_path / "args.yaml"), epochs=1, imgsz=64, project=str(tmp_path), name="new")
+    new = YAML.load(tmp_path / "new" / "args.yaml")
+    assert new["recipe"] == "none" and not new["resume"]  # not deim-n.yaml's recipe n, not a resume of that last.pt
 
 
 def test_checkpoint_reloads_in_fresh_process(trained, tiny_data):
