@@ -207,6 +207,15 @@ def read_reference(paths: list[Path] | None) -> dict[int, dict[int, float]]:
     return curves
 
 
+def deim_curves(rows: list[dict]) -> dict[int, dict[int, float]]:
+    """Row a's curves: seed -> epoch -> mAP50-95, seeds in order."""
+    curves: dict[int, dict[int, float]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        if r["row"] == "a":
+            curves.setdefault(r["seed"], {})[r["epoch"]] = r["map"]
+    return curves
+
+
 def band(curves: dict[int, dict[int, float]]) -> dict[int, list[float]]:
     """epoch -> mAP50-95 of every seed in `curves`."""
     table: dict[int, list[float]] = {}
@@ -288,9 +297,7 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]], check: t
         )
     if reference and "a" in table:
         authors = band(reference)
-        seeds = sorted({r["seed"] for r in rows if r["row"] == "a"})
-        for seed in seeds:
-            curve = {r["epoch"]: r["map"] for r in rows if r["row"] == "a" and r["seed"] == seed}
+        for seed, curve in deim_curves(rows).items():
             gap, epoch, side = largest_gap(curve, authors)
             print(f"DEIM seed {seed} vs the authors' band ({len(reference)} seeds), epochs 20+: largest gap {gap:.3f} "
                   f"at epoch {epoch} ({side}), final {curve[max(curve)]:.3f}")  # fmt: skip
@@ -325,10 +332,7 @@ def print_check_rates(rows: list[dict], reference: dict[int, dict[int, float]], 
     """Print how many of DEIM's seeds, and of their pairs, meet `meets_check` against the authors' whole band, and the
     same rates for the authors' own seeds held against the band of the others (with 3 or more authors' seeds)."""
     authors = band(reference)
-    curves = {}
-    for r in rows:
-        if r["row"] == "a":
-            curves.setdefault(r["seed"], {})[r["epoch"]] = r["map"]
+    curves = deim_curves(rows)
     passed = sum(meets_check(c, authors, final, gap) for c in curves.values())
     check = f"final >= {final:.3f} and within {gap:.3f} of the authors' band from epoch 20"
     print(f"per-seed check ({check}): DEIM {passed} of {len(curves)} seeds, both seeds of a pair "
