@@ -53,7 +53,6 @@ from deim_ultra.schedule import (
     stage_at,
 )
 from deim_ultra.tail_restart import BEST_STAGE1, MAP_COLUMN, load_state, restore_before, save_state
-from deim_ultra.weights import listing
 
 
 def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
@@ -76,20 +75,6 @@ def check_pretrained_model(weights: nn.Module | dict, pretrained: bool | str | P
             f"pretrained={pretrained} holds a {type(source).__name__}, not a DEIM or RT-DETR model, so none of its "
             "layers fit. Fix: a DEIM checkpoint, the backbone's ImageNet .pth, pretrained=True or pretrained=False"
         )
-
-
-def report_class_count_change(weights: nn.Module | dict, model: nn.Module) -> None:
-    """Say which layers a checkpoint of another class count could not give `model` (they keep their random init)."""
-    source = weights["model"] if isinstance(weights, dict) else weights
-    theirs, ours = source.model[-1].nc, model.model[-1].nc  # the head's class count
-    if theirs == ours:
-        return
-    state = source.state_dict()
-    fresh = [k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
-    LOGGER.warning(
-        f"Fine-tuning a {theirs}-class checkpoint on {ours} classes: the class-dependent layers {listing(fresh)} "
-        "start from random weights, every other layer from the checkpoint"
-    )
 
 
 def freeze_constants(model: nn.Module) -> None:
@@ -207,7 +192,6 @@ class DEIMTrainer(RTDETRTrainer):
         if weights:
             check_pretrained_model(weights, self.args.pretrained)
             model.load(weights)
-            report_class_count_change(weights, model)
         elif isinstance(model, DEIMDetectionModel):
             self.init_backbone(model)
         if self.args.freeze_norm:

@@ -17,6 +17,13 @@ from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER
 
 from deim_ultra.cfg import deim_arg, resolve_model_yaml
+from deim_ultra.class_transfer import (
+    class_dependent_keys,
+    copy_class_rows,
+    describe_transfer,
+    is_placeholder,
+    source_rows,
+)
 from deim_ultra.loss.criterion import DEIMCriterion
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.encoder import HybridEncoder
@@ -223,6 +230,44 @@ class DEIMDetectionModel(DEIMLoss, RTDETRDetectionModel):
     def is_fused(self) -> bool:
         """Whether `fuse()` has already converted the model."""
         return getattr(self, "fused", False)
+
+    def _remap_cls_by_names(self, csd: dict[str, torch.Tensor], src_model: nn.Module, verbose: bool = True) -> int:
+        """Give each class the checkpoint's rows of the class of the same name, in every class-dependent tensor.
+
+        Called by Ultralytics' `load()` before it copies the tensors of equal shape. Replaces RT-DETR's version, which
+        assumes a denoising embedding of nc rows (ours has a padding row) and leaves unmatched classes with whatever
+        row sits at their index. Here, with names on both sides (`cls_remap=True`, Ultralytics' default, sets the
+        dataset's), matched classes take their rows, new classes keep fresh ones, and the class-dependent keys leave
+        `csd` so nothing is copied by position. With placeholder names (`cls_remap=False`) Ultralytics' positional
+        copy stands: row k to class k when the class counts agree, fresh rows otherwise.
+
+        Args:
+            csd (dict): The checkpoint's state dict; the keys handled here are removed from it.
+            src_model (nn.Module): The checkpoint's model, for its `names`.
+            verbose (bool): Log what was transferred.
+
+        Returns:
+            (int): How many tensors were transferred here (added to Ultralytics' "Transferred N/M items").
+        """
+        source, target = getattr(src_model, "names", None), self.names
+        keys = class_dependent_keys(self)
+        if is_placeholder(source) or is_placeholder(target):
+            if verbose and len(source or {}) != len(target):
+                LOGGER.warning(
+                    f"Fine-tuning a {len(source or {})}-class checkpoint on {len(target)} classes without class names "
+                    f"to match (cls_remap=False, or unnamed classes): the class-dependent tensors {', '.join(keys)} "
+                    "start from random weights, every other layer from the checkpoint"
+                )
+            return 0
+        rows = source_rows(source, target)
+        if len(source) == len(target) and torch.equal(rows, torch.arange(len(target))):
+            return 0  # same classes in the same order: Ultralytics copies every tensor as it is
+        copied = copy_class_rows(self.state_dict(), csd, keys, rows)
+        for key in keys:
+            csd.pop(key, None)
+        if verbose:
+            LOGGER.info(describe_transfer(source, target, rows))
+        return len(copied)
 
 
 def model_class_for(cfg: str | Path | dict) -> type[RTDETRDetectionModel]:
