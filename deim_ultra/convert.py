@@ -98,16 +98,53 @@ def load_official_weights(
             )
 
 
-def convert_official(src: str | Path | dict, model: str | Path = "deim-n.yaml") -> DEIM:
+def fits_shapes(state: dict[str, torch.Tensor], model: DEIMDetectionModel) -> bool:
+    """Whether an official state dict has exactly `model`'s tensors and shapes (any class count; derived buffers and
+    training-only keys aside)."""
+    prefixes = official_prefixes(model)
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    skipped = {rename_official_key(k, prefixes) for k in (*DERIVED_KEYS, *TRAINING_ONLY_KEYS)}
+    theirs = {rename_official_key(k, prefixes): v.shape for k, v in state.items() if k not in DERIVED_KEYS}
+    if None in theirs or set(ours) - skipped - set(theirs) or set(theirs) - set(ours):
+        return False
+    return all(ours[k][first_dim(k) :] == v[first_dim(k) :] for k, v in theirs.items())
+
+
+def first_dim(key: str) -> int:
+    """Where shape comparisons start for `key`: 1 for per-class tensors (their rows count the checkpoint's classes)."""
+    return 1 if "score_head" in key or "class_embed" in key else 0
+
+
+def official_yaml(state: dict[str, torch.Tensor], family: str = "deim") -> str:
+    """The shipped YAML of `family` ('deim' or 'dfine') whose layers fit an official state dict.
+
+    DEIM and D-FINE checkpoints of one size have the same tensors (they differ in activations), so the family must
+    come from elsewhere (the file name). Candidates are built on the meta device: no memory, no initialisation.
+
+    Raises:
+        ValueError: When no size fits, naming the sizes tried.
+    """
+    for size in "nsmlx":
+        with torch.device("meta"):
+            candidate = DEIMDetectionModel(f"{family}-{size}.yaml", verbose=False)
+        if fits_shapes(state, candidate):
+            return f"{family}-{size}.yaml"
+    raise ValueError(f"no {family}-<n|s|m|l|x>.yaml fits this checkpoint's tensors")
+
+
+def convert_official(
+    src: str | Path | dict, model: str | Path = "deim-n.yaml", names: dict[int, str] | None = None
+) -> DEIM:
     """Build a DEIM model from an official DEIM / D-FINE checkpoint.
 
     Args:
         src (str | Path | dict): Official `.pth` path, checkpoint dict (`model` or `ema.module`), or state dict.
-        model (str | Path): Model YAML of the checkpoint's size, e.g. 'deim-s.yaml' (a D-FINE checkpoint needs a
-            YAML whose decoder uses ReLU).
+        model (str | Path): Model YAML of the checkpoint's size, e.g. 'deim-s.yaml' (a D-FINE checkpoint needs
+            'dfine-s.yaml', whose decoder uses ReLU).
+        names (dict, optional): Class names of the checkpoint's rows; COCO's when it has 80 and none are given.
 
     Returns:
-        (DEIM): The model with the official weights, class count taken from the checkpoint (COCO names for 80).
+        (DEIM): The model with the official weights, class count taken from the checkpoint.
     """
     state = load_official_state_dict(src)
     deim = DEIM(model)
@@ -117,7 +154,9 @@ def convert_official(src: str | Path | dict, model: str | Path = "deim-n.yaml") 
         deim.model.args, deim.model.task = deim.overrides, "detect"
     source = f"'{src}'" if isinstance(src, (str, Path)) else "state dict"
     load_official_weights(deim.model, state, source)
-    if deim.model.yaml["nc"] == 80:
+    if names is not None:
+        deim.model.names = dict(names)
+    elif deim.model.yaml["nc"] == 80:
         deim.model.names = YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"]
     deim.model.eval()
     return deim

@@ -9,12 +9,13 @@ from ultralytics.engine.model import Model
 from ultralytics.models.rtdetr.predict import RTDETRPredictor
 from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.nn.tasks import RTDETRDetectionModel
-from ultralytics.utils import YAML
+from ultralytics.utils import LOGGER, YAML
 from ultralytics.utils.checks import check_yaml
 
 from deim_ultra.backbone_weights import is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
 from deim_ultra.checkpoint_safety import check_checkpoint
+from deim_ultra.model_zoo import ZOO, class_names, pretrained_path, release_for_file
 from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer
@@ -27,6 +28,11 @@ def mark_rtdetr_head(exporter) -> None:
     `RTDETR("best.onnx")` and `yolo predict model=best.onnx` decode DEIM exports correctly.
     """
     exporter.metadata["head"] = "RTDETRDecoder"
+
+
+def missing_checkpoint(path: str) -> str:
+    """Raise for a `.pt` that is neither a file nor a pretrained name (Ultralytics would look it up on GitHub)."""
+    raise FileNotFoundError(f"'{path}' not found, neither as a file nor among the pretrained names: {', '.join(ZOO)}")
 
 
 class DEIM(Model):
@@ -44,14 +50,11 @@ class DEIM(Model):
         """Build a model from a DEIM YAML (a path or a shipped name) or load a DEIM checkpoint or export.
 
         Args:
-            model (str | Path): `deim-{n,s,m,l,x}.yaml`, a `.pt` DEIM checkpoint, or an exported model (`.onnx`, ...).
+            model (str | Path): `deim-{n,s,m,l,x}.yaml` (or `dfine-*.yaml`), a pretrained name such as 'deim-s.pt' or
+                'dfine-s-obj2coco.pt' (downloaded and converted once, see `deim_ultra.model_zoo`), a `.pt` DEIM
+                checkpoint, the authors' `.pth` (converted on the fly), or an exported model (`.onnx`, ...).
             verbose (bool): Log the model summary.
         """
-        if Path(str(model)).suffix == ".pth":
-            raise ValueError(
-                f"'{model}' looks like an official DEIM checkpoint: convert it first with "
-                f"`deim convert weights={model} model=deim-<size>.yaml` or `deim_ultra.convert_official()`."
-            )
         super().__init__(model=model, task="detect", verbose=verbose)
         self.add_callback("on_export_start", mark_rtdetr_head)
 
@@ -73,8 +76,17 @@ class DEIM(Model):
 
     def _load(self, weights: str, task: str | None = None) -> None:
         """Load a checkpoint or export, refusing `.pt` files that hold neither a DEIM nor an RT-DETR model, and any
-        whose pickle could run code (checked before Ultralytics unpickles it, see `deim_ultra.checkpoint_safety`)."""
-        if str(weights).endswith(".pt") and Path(weights).is_file():
+        whose pickle could run code (checked before Ultralytics unpickles it, see `deim_ultra.checkpoint_safety`).
+
+        A pretrained name ('deim-s.pt') resolves to its cached file, downloaded the first time; an official `.pth` is
+        converted in memory.
+        """
+        weights = str(weights)
+        if Path(weights).suffix == ".pth":
+            return self._load_official(weights)
+        if weights.endswith(".pt") and not Path(weights).is_file():
+            weights = str(pretrained_path(weights) or missing_checkpoint(weights))
+        if weights.endswith(".pt") and Path(weights).is_file():
             check_checkpoint(weights)
         try:
             super()._load(weights, task=task)
@@ -85,6 +97,25 @@ class DEIM(Model):
                 f"'{weights}' holds a {type(self.model).__name__}, not a DEIM model. Load it with the Ultralytics "
                 "class it was trained with (e.g. ultralytics.YOLO), or train a DEIM model from 'deim-n.yaml'."
             )
+
+    def _load_official(self, path: str) -> None:
+        """Convert an official DEIM / D-FINE `.pth` into this model, choosing the YAML by file name or by shapes."""
+        from deim_ultra.convert import convert_official, load_official_state_dict, official_yaml
+
+        state = load_official_state_dict(path)
+        release = release_for_file(Path(path).name)
+        family = "dfine" if Path(path).name.lower().startswith("dfine") else "deim"
+        yaml = release.yaml if release else official_yaml(state, family)
+        names = class_names(release.dataset, state["decoder.enc_score_head.weight"].shape[0]) if release else None
+        LOGGER.info(
+            f"Converting official checkpoint '{path}' with {yaml} ({'its release' if release else 'tensor shapes'}; "
+            f"`deim convert weights={Path(path).name} model=<yaml>` picks another)"
+        )
+        self.model = convert_official(state, yaml, names=names).model
+        self.model.args, self.model.pt_path, self.task = {}, path, "detect"
+        self.ckpt = {"model": self.model, "train_args": {}}  # trainable like a loaded .pt: Ultralytics transfers it
+        self.ckpt_path = self.model_name = path
+        self.overrides = {"model": path, "task": "detect"}
 
     def train(self, trainer=None, **kwargs: Any):
         """Train; see Ultralytics' `Model.train`. Accepts shipped dataset names such as `data="deepforest.yaml"`.

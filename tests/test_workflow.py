@@ -225,7 +225,7 @@ def test_foreign_checkpoint_is_refused(tmp_path):
     YOLO("yolov8n.yaml").save(yolo)
     with pytest.raises(TypeError, match="not a DEIM model"):
         DEIM(yolo)
-    with pytest.raises(ValueError, match="deim convert"):
+    with pytest.raises(FileNotFoundError, match="official.pth' not found"):
         DEIM(tmp_path / "official.pth")
 
 

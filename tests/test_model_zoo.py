@@ -1,0 +1,154 @@
+"""Pretrained detectors by name: download from a mirror, check, convert, cache; offline says what to do."""
+
+import hashlib
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from ultralytics.utils import ROOT, SETTINGS, YAML
+
+from deim_ultra import DEIM, convert_official
+from deim_ultra.nn.tasks import DEIMDetectionModel
+from deim_ultra.official_names import official_namer
+
+from helpers import deim_cli
+
+COCO_NAMES = YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"]
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output readable
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving the folder `tmp_path / "mirror"`; yields (folder, base URL, stop)."""
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}", stop
+    if thread.is_alive():
+        stop()
+
+
+@pytest.fixture
+def weights_dir(tmp_path):
+    """An empty Ultralytics weights directory for the test (restored afterwards)."""
+    before = SETTINGS["weights_dir"]
+    SETTINGS.update(weights_dir=str(tmp_path / "weights"))
+    yield tmp_path / "weights"
+    SETTINGS.update(weights_dir=before)
+
+
+def official_dfine_s(path) -> dict[str, torch.Tensor]:
+    """A D-FINE-S checkpoint in the authors' layout (`{"model": state dict}` under their key names), random weights."""
+    torch.manual_seed(0)
+    model = DEIMDetectionModel("dfine-s.yaml", verbose=False)
+    namer = official_namer(model)
+    state = {namer(k): v for k, v in model.state_dict().items()}
+    torch.save({"model": state}, path)
+    return state
+
+
+def test_a_name_downloads_converts_caches_and_works_offline_afterwards(mirror, weights_dir, monkeypatch):
+    folder, url, stop = mirror
+    state = official_dfine_s(folder / "dfine_s_obj2coco.pth")
+    monkeypatch.setenv("DEIM_WEIGHTS_URL", url)
+    image = (np.random.default_rng(0).random((320, 320, 3)) * 255).astype(np.uint8)
+    first = DEIM("dfine-s-obj2coco.pt")
+    cached = weights_dir / "dfine-s-obj2coco.pt"
+    assert cached.is_file() and not (weights_dir / "dfine_s_obj2coco.pth").exists()
+    source = torch.load(cached, weights_only=False)["source"]
+    served = (folder / "dfine_s_obj2coco.pth").read_bytes()
+    assert source == {
+        "file": "dfine_s_obj2coco.pth",
+        "url": f"{url}/dfine_s_obj2coco.pth",
+        "sha256": hashlib.sha256(served).hexdigest(),
+    }
+    assert first.model.names == COCO_NAMES
+    assert isinstance(first.model.model[-1].decoder.layers[0].act, torch.nn.ReLU)  # D-FINE's decoder, not DEIM's
+
+    stop()
+    (folder / "dfine_s_obj2coco.pth").unlink()
+    second = DEIM("dfine-s-obj2coco.pt")  # from the cache: no server, no file to download
+    kwargs = dict(imgsz=320, conf=0.0, max_det=20, verbose=False)
+    boxes = second.predict(image, **kwargs)[0].boxes
+    reference = convert_official(state, "dfine-s.yaml").predict(image, **kwargs)[0].boxes
+    assert len(boxes) == 20 and torch.allclose(boxes.conf, reference.conf, atol=1e-5)
+    assert torch.allclose(boxes.xyxy, reference.xyxy, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>", "returned an HTML page"),
+        (None, "incomplete or corrupt file"),
+    ],
+)
+def test_a_bad_download_is_refused_and_not_cached(mirror, weights_dir, monkeypatch, content, message):
+    folder, url, _ = mirror
+    path = folder / "dfine_s_coco.pth"
+    if content is None:  # a truncated checkpoint: the first half of a real one
+        official_dfine_s(path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content * (1 if len(content) > 1000 else 50))  # over the minimum size a download must have
+    monkeypatch.setenv("DEIM_WEIGHTS_URL", url)
+    with pytest.raises(ValueError, match=message):
+        DEIM("dfine-s.pt")
+    assert not list(weights_dir.glob("*.pt")) and not list(weights_dir.glob("*.pth"))
+
+
+def test_offline_cli_names_the_url_and_where_to_put_the_file(tmp_path):
+    env = {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
+    result = deim_cli("predict", "model=deim-s.pt", "source=bus.jpg", cwd=tmp_path, env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if "deim_dfine_hgnetv2_s_coco_120e.pth" in line]
+    assert len(lines) == 1, out
+    assert "https://drive.google.com/file/d/1tB8gVJNrfb6dhFvoHJECKOF5VpkthhfC/view" in lines[0]
+    assert "weights" in lines[0] and "offline" in lines[0]
+
+
+def eval_logits(model: DEIM, parity_fixture) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model.eval()(parity_fixture["images"][:1])[1]["pred_logits"]
+
+
+def converted(parity_fixture) -> DEIM:
+    """The authors' DEIM-N weights through the converter, given the YAML (test_parity checks these against them)."""
+    return convert_official(parity_fixture["state_dict"], "deim-n.yaml")
+
+
+def test_an_official_file_put_in_the_weights_dir_is_converted_without_download(weights_dir, parity_fixture):
+    weights_dir.mkdir()
+    torch.save({"model": parity_fixture["state_dict"]}, weights_dir / "deim_dfine_hgnetv2_n_coco_160e.pth")
+    model = DEIM("deim-n.pt")  # offline (the tests set YOLO_OFFLINE): nothing to download
+    assert (weights_dir / "deim-n.pt").is_file()
+    assert torch.equal(eval_logits(model, parity_fixture), eval_logits(converted(parity_fixture), parity_fixture))
+
+
+def test_an_official_pth_converts_on_the_fly_by_its_shapes(parity_fixture, tmp_path, caplog):
+    path = tmp_path / "my_finetune.pth"
+    torch.save({"model": parity_fixture["state_dict"]}, path)
+    with caplog.at_level("INFO", logger="ultralytics"):
+        model = DEIM(path)
+    assert "with deim-n.yaml (tensor shapes" in caplog.text
+    assert torch.equal(eval_logits(model, parity_fixture), eval_logits(converted(parity_fixture), parity_fixture))
+    assert model.model.names[0] == "person"
+
+
+def test_an_unknown_missing_checkpoint_lists_the_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match="deim-q.pt' not found.*dfine-s-obj2coco.pt"):
+        DEIM(tmp_path / "deim-q.pt")
