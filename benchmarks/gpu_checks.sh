@@ -4,7 +4,10 @@
 #      half=True` and `deim predict half=True` of the DEIM-N run; the script stops here if any of them fails;
 #   2. latency: benchmarks/latency.py --backends torch (PyTorch fp32 / fp16 on CUDA, batch 1, 640);
 #   3. the quick set's rows a and f with AMP (seeds 0 1) and row a without AMP (seeds 0 1), side by side;
-#   4. benchmarks/half_precision.py on the AMP-trained seed 0: val mAP in fp32 and fp16, raw-score drift, Inf/NaN.
+#   4. benchmarks/half_precision.py on the AMP-trained seed 0: val mAP in fp32 and fp16, raw-score drift, Inf/NaN;
+#   5. the real fine-tuning recipe: `deim train model=dfine-s-obj2coco.pt data=<deepforest> imgsz=640`, when the
+#      machine has the files (it reaches no network): DFINE_S_OBJ2COCO=<the authors' dfine_s_obj2coco.pth> and
+#      DEEPFOREST=<a built deepforest data YAML, e.g. from `python -m deim_ultra.data.deepforest`>; FT_EPOCHS, FT_CAP.
 # Everything lands in $OUT/r (logs, results.csv files, stages.txt with the elapsed seconds of each stage) and is packed
 # into $OUT/results.tar.gz (weights and images left out). Run from the repository root:
 #   DEV=0 OUT=runs/gpu_checks bash benchmarks/gpu_checks.sh
@@ -57,3 +60,13 @@ t "half precision on the AMP-trained seed 0"
 W=$R/amp/a_seed0/weights/best.pt; [ -f $W ] || W=$R/amp/a_seed0/weights/last.pt
 timeout 60 python3 benchmarks/half_precision.py $W --data $R/amp/dense_shapes/data.yaml --imgsz 128 --device $DEV > $R/half.txt 2>&1; t "half rc $?"
 tail -8 $R/half.txt
+
+t "fine-tune dfine-s-obj2coco.pt on deepforest at 640"
+if [ -f "${DFINE_S_OBJ2COCO:-}" ] && [ -f "${DEEPFOREST:-}" ]; then
+  WD=$(python3 -c "from ultralytics.utils import SETTINGS; print(SETTINGS['weights_dir'])"); mkdir -p "$WD"
+  cp "$DFINE_S_OBJ2COCO" "$WD/dfine_s_obj2coco.pth"  # converted from there, with no download (deim_ultra.model_zoo)
+  timeout ${FT_CAP:-900} python3 -m deim_ultra.cli train model=dfine-s-obj2coco.pt data=$DEEPFOREST epochs=${FT_EPOCHS:-72} imgsz=640 batch=16 device=$DEV workers=4 plots=False project=$R/finetune name=dfine_s exist_ok=True > $R/finetune.log 2>&1
+  t "fine-tune rc $?"; grep -E "transferred by name|Transferred" $R/finetune.log; tail -5 $R/finetune/dfine_s/results.csv
+else
+  t "fine-tune skipped: set DFINE_S_OBJ2COCO and DEEPFOREST to files on this machine"
+fi

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ultralytics.engine.model import Model
 from ultralytics.models.rtdetr.predict import RTDETRPredictor
@@ -30,7 +30,7 @@ def mark_rtdetr_head(exporter) -> None:
     exporter.metadata["head"] = "RTDETRDecoder"
 
 
-def missing_checkpoint(path: str) -> str:
+def missing_checkpoint(path: str) -> NoReturn:
     """Raise for a `.pt` that is neither a file nor a pretrained name (Ultralytics would look it up on GitHub)."""
     raise FileNotFoundError(f"'{path}' not found, neither as a file nor among the pretrained names: {', '.join(ZOO)}")
 
@@ -137,6 +137,8 @@ class DEIM(Model):
             kwargs.setdefault("resume", False)
         if "data" in kwargs:
             kwargs["data"] = resolve_data_yaml(kwargs["data"])
+        if isinstance(kwargs.get("pretrained"), str) and kwargs["pretrained"] in ZOO:  # pretrained=deim-s.pt
+            kwargs["pretrained"] = str(pretrained_path(kwargs["pretrained"]))
         if self.ckpt and is_backbone_file(kwargs.get("pretrained")) and not kwargs.get("resume"):
             raise ValueError(
                 f"pretrained={kwargs['pretrained']} initialises the backbone of a model built from a YAML, but this "

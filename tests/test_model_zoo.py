@@ -152,3 +152,25 @@ def test_an_official_pth_converts_on_the_fly_by_its_shapes(parity_fixture, tmp_p
 def test_an_unknown_missing_checkpoint_lists_the_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="deim-q.pt' not found.*dfine-s-obj2coco.pt"):
         DEIM(tmp_path / "deim-q.pt")
+
+
+def test_pretrained_accepts_a_name(weights_dir, parity_fixture, tiny_data, tmp_path):
+    """`train(pretrained="deim-n.pt")` from a YAML starts from the named weights, as `yolo train pretrained=` does."""
+    weights_dir.mkdir()
+    torch.save({"model": parity_fixture["state_dict"]}, weights_dir / "deim_dfine_hgnetv2_n_coco_160e.pth")
+    seen = {}
+    model = DEIM("deim-n.yaml")
+    model.add_callback("on_train_start", lambda t: seen.update({k: v.clone() for k, v in t.model.state_dict().items()}))
+    model.train(
+        data=str(tiny_data),
+        pretrained="deim-n.pt",
+        epochs=1,
+        imgsz=64,
+        batch=4,
+        workers=0,
+        plots=False,
+        val=False,
+        project=str(tmp_path),
+    )
+    stem = parity_fixture["state_dict"]["backbone.stem.stem1.conv.weight"]
+    assert torch.equal(seen["model.0.stem1.conv.weight"], stem)
