@@ -147,6 +147,11 @@ def convert_official(
         (DEIM): The model with the official weights, class count taken from the checkpoint.
     """
     state = load_official_state_dict(src)
+    if isinstance(src, (str, Path)) and Path(src).name.lower().startswith("dfine") and "deim-" in Path(str(model)).name:
+        LOGGER.warning(
+            f"'{src}' looks like a D-FINE checkpoint but {model} has DEIM's SiLU decoder: the weights load, outputs "
+            f"are wrong. Fix: {Path(str(model)).name.replace('deim-', 'dfine-')}"
+        )
     deim = DEIM(model)
     nc = state["decoder.enc_score_head.weight"].shape[0] if "decoder.enc_score_head.weight" in state else None
     if nc and nc != deim.model.yaml["nc"]:

@@ -1,10 +1,13 @@
 """The main job, end to end on real data: train a small DEIM on the NEON tree-crown photos, validate, predict, export.
 
 The deepforest dataset (4 aerial rasters, 951 human-drawn tree boxes) is built on first use from the PyPI wheel
-`deepforest==2.1.0` (see deim_ultra/cfg/datasets/deepforest.yaml). Defaults are sized for a CPU-only machine: a few
-epochs give a working pipeline, not a good detector (that takes a GPU and 100+ epochs, see docs/benchmarks.md).
+`deepforest==2.1.0` (see deim_ultra/cfg/datasets/deepforest.yaml). Defaults are sized for a CPU-only machine: from
+random weights a few epochs give a working pipeline, not a detector (that takes pretrained weights or a GPU and 100+
+epochs, see docs/benchmarks.md). `--model deim-n.pt` (or any pretrained name, README "Pretrained detectors by name")
+fine-tunes the authors' COCO weights instead, where they can be downloaded.
 
     python examples/deepforest_quickstart.py --epochs 3 --imgsz 320
+    python examples/deepforest_quickstart.py --model dfine-s-obj2coco.pt --epochs 24 --imgsz 640 --device 0
 """
 
 import argparse
