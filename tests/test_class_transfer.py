@@ -101,8 +101,8 @@ def test_any_overlap_trains(coco_checkpoint, tiny_data, tmp_path, names):
             assert not any(torch.equal(row, r) for r in theirs), name
 
 
-def test_refining_on_a_subset_of_its_own_classes(coco_checkpoint, tiny_data, tmp_path):
-    """A fine-tuned model fine-tuned again on fewer of its classes (the issue's second crash)."""
+def test_refining_on_fewer_and_on_more_of_its_own_classes(coco_checkpoint, tiny_data, tmp_path):
+    """A fine-tuned model fine-tuned again on fewer of its classes (the issue's second crash), and on more."""
     three = named_dataset(tiny_data, tmp_path, ["chair", "person", "dog"])
     first = DEIM(coco_checkpoint)
     first.train(data=str(three), epochs=1, imgsz=64, batch=4, workers=0, plots=False, project=str(tmp_path))
@@ -113,6 +113,12 @@ def test_refining_on_a_subset_of_its_own_classes(coco_checkpoint, tiny_data, tmp
     start = start_of_training_state(DEIM(best), data=str(two), project=str(tmp_path))
     assert torch.equal(start["model.8.enc_score_head.weight"][0], theirs["model.8.enc_score_head.weight"][1])
     assert torch.equal(start["model.8.enc_score_head.weight"][1], theirs["model.8.enc_score_head.weight"][0])
+    four_classes = make_synthetic_dataset(tmp_path / "four", n_train=8, n_val=4, imgsz=160, nc=4, seed=2)
+    four = named_dataset(four_classes, tmp_path, ["tree", "dog", "chair", "person"])  # more classes than it has
+    start = start_of_training_state(DEIM(best), data=str(four), project=str(tmp_path))
+    for i, source in ((1, 2), (2, 0), (3, 1)):
+        assert torch.equal(start["model.8.enc_score_head.weight"][i], theirs["model.8.enc_score_head.weight"][source])
+    assert start["model.8.denoising_class_embed.weight"].shape == (5, 128)
 
 
 def test_cls_remap_false_copies_by_position_only(coco_checkpoint, tiny_data, tmp_path, caplog):
