@@ -107,9 +107,10 @@ class DEIM(Model):
         family = "dfine" if Path(path).name.lower().startswith("dfine") else "deim"
         yaml = release.yaml if release else official_yaml(state, family)
         names = class_names(release.dataset, state["decoder.enc_score_head.weight"].shape[0]) if release else None
+        chosen_by = "its release name" if release else "tensor shapes"
         LOGGER.info(
-            f"Converting official checkpoint '{path}' with {yaml} ({'its release' if release else 'tensor shapes'}; "
-            f"`deim convert weights={Path(path).name} model=<yaml>` picks another)"
+            f"Converting official checkpoint '{path}' with {yaml} (chosen by {chosen_by}; to choose the YAML: "
+            f"deim convert weights={Path(path).name} model=<yaml>)"
         )
         self.model = convert_official(state, yaml, names=names).model
         self.model.args, self.model.pt_path, self.task = {}, path, "detect"

@@ -144,7 +144,7 @@ def test_an_official_pth_converts_on_the_fly_by_its_shapes(parity_fixture, tmp_p
     torch.save({"model": parity_fixture["state_dict"]}, path)
     with caplog.at_level("INFO", logger="ultralytics"):
         model = DEIM(path)
-    assert "with deim-n.yaml (tensor shapes" in caplog.text
+    assert "with deim-n.yaml (chosen by tensor shapes" in caplog.text
     assert torch.equal(eval_logits(model, parity_fixture), eval_logits(converted(parity_fixture), parity_fixture))
     assert model.model.names[0] == "person"
 
