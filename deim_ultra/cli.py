@@ -17,10 +17,11 @@ from ultralytics.utils import ASSETS, LOGGER
 
 from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT, MODE_SETTINGS
 from deim_ultra.data.audit import DatasetError
+from deim_ultra.model_zoo import ZOO
 from deim_ultra.nonfinite import DivergedError
 
 MODES = ("train", "val", "predict", "export")
-CONVERT_KEYS = {"weights": None, "model": "deim-n.yaml"}
+CONVERT_KEYS = {"weights": None, "model": None}
 HELP = f"""Usage: deim MODE key=value ...
 
   MODE     one of {", ".join(MODES)}, convert, help
@@ -30,7 +31,10 @@ HELP = f"""Usage: deim MODE key=value ...
   deim val model=runs/detect/train/weights/best.pt
   deim predict model=best.pt source=image.jpg
   deim export model=best.pt format=onnx
-  deim convert weights=official.pth model=deim-s.yaml   # writes official.pt, loadable with DEIM()
+  deim convert weights=official.pth model=deim-s.yaml   # writes official.pt (model= optional: found from the file)
+
+Pretrained names (downloaded and converted once; README "Pretrained detectors by name"):
+  {", ".join(ZOO)}
 
 DEIM settings ({CFG_DIR / "default.yaml"}):
 """

@@ -15,6 +15,7 @@ from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML
 
 from deim_ultra.model import DEIM
+from deim_ultra.model_zoo import class_names, release_for_file
 from deim_ultra.nn.tasks import DEIMDetectionModel
 from deim_ultra.official_names import official_prefixes, rename_official_key
 from deim_ultra.weights import listing, read_checkpoint
@@ -167,12 +168,31 @@ def convert_official(
     return deim
 
 
-def convert_official_file(weights: str | Path, model: str | Path = "deim-n.yaml") -> Path:
-    """Convert an official `.pth` file and save it in the current directory as `<name>.pt` for `DEIM()`."""
+def convert_official_auto(path: str | Path) -> DEIM:
+    """Convert an official `.pth` with the YAML it calls for: its release's (by file name, with the release's class
+    names), else the size whose tensor shapes fit, as D-FINE when the name starts with 'dfine', else as DEIM."""
+    state = load_official_state_dict(path)
+    name = Path(path).name
+    release = release_for_file(name)
+    family = "dfine" if name.lower().startswith("dfine") else "deim"
+    yaml = release.yaml if release else official_yaml(state, family)
+    names = class_names(release.dataset, state["decoder.enc_score_head.weight"].shape[0]) if release else None
+    LOGGER.info(
+        f"Converting official checkpoint '{path}' with {yaml} (chosen by "
+        f"{'its release name' if release else 'tensor shapes'}; to choose the YAML: deim convert weights={name} "
+        "model=<yaml>)"
+    )
+    return convert_official(state, yaml, names=names)
+
+
+def convert_official_file(weights: str | Path, model: str | Path | None = None) -> Path:
+    """Convert an official `.pth` file and save it in the current directory as `<name>.pt` for `DEIM()`; without
+    `model`, the YAML is chosen as `DEIM("<file>.pth")` chooses it (`convert_official_auto`)."""
     if weights is None:
         raise ValueError("Give the official checkpoint: deim convert weights=path/to/official.pth model=deim-s.yaml")
     out = Path(Path(weights).stem + ".pt")
-    deim = convert_official(weights, model)
+    deim = convert_official(weights, model) if model else convert_official_auto(weights)
+    model = deim.model.yaml.get("yaml_file", model)
     # Ultralytics' Model.save stores half precision; keep float32 so the file reproduces the authors' numbers.
     torch.save({"model": deim.model, "train_args": {}, "date": datetime.now().isoformat(), "version": __version__}, out)
     LOGGER.info(f"Converted '{weights}' ({model}) -> '{out.resolve()}'; load it with DEIM('{out}')")

@@ -15,7 +15,7 @@ from ultralytics.utils.checks import check_yaml
 from deim_ultra.backbone_weights import is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
 from deim_ultra.checkpoint_safety import check_checkpoint
-from deim_ultra.model_zoo import ZOO, class_names, pretrained_path, release_for_file
+from deim_ultra.model_zoo import ZOO, pretrained_path
 from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer
@@ -33,6 +33,17 @@ def mark_rtdetr_head(exporter) -> None:
 def missing_checkpoint(path: str) -> NoReturn:
     """Raise for a `.pt` that is neither a file nor a pretrained name (Ultralytics would look it up on GitHub)."""
     raise FileNotFoundError(f"'{path}' not found, neither as a file nor among the pretrained names: {', '.join(ZOO)}")
+
+
+def check_pretrained_fits(name: str, model: object) -> None:
+    """Warn when a pretrained name was trained with another YAML than `model`'s: a D-FINE checkpoint in a DEIM model
+    loads every tensor yet computes with other activations, and another size loads only the tensors that fit."""
+    theirs, ours = ZOO[name].yaml, Path(str(getattr(model, "yaml", {}).get("yaml_file", ""))).name
+    if ours and ours != theirs:
+        LOGGER.warning(
+            f"pretrained={name} was trained as {theirs}, but this model is {ours}: its weights will not compute what "
+            f"they were trained for (other activations or sizes). Fix: model={theirs}, or DEIM('{name}').train(...)"
+        )
 
 
 class DEIM(Model):
@@ -99,20 +110,10 @@ class DEIM(Model):
             )
 
     def _load_official(self, path: str) -> None:
-        """Convert an official DEIM / D-FINE `.pth` into this model, choosing the YAML by file name or by shapes."""
-        from deim_ultra.convert import convert_official, load_official_state_dict, official_yaml
+        """Convert an official DEIM / D-FINE `.pth` in memory (the YAML chosen by `convert_official_auto`)."""
+        from deim_ultra.convert import convert_official_auto
 
-        state = load_official_state_dict(path)
-        release = release_for_file(Path(path).name)
-        family = "dfine" if Path(path).name.lower().startswith("dfine") else "deim"
-        yaml = release.yaml if release else official_yaml(state, family)
-        names = class_names(release.dataset, state["decoder.enc_score_head.weight"].shape[0]) if release else None
-        chosen_by = "its release name" if release else "tensor shapes"
-        LOGGER.info(
-            f"Converting official checkpoint '{path}' with {yaml} (chosen by {chosen_by}; to choose the YAML: "
-            f"deim convert weights={Path(path).name} model=<yaml>)"
-        )
-        self.model = convert_official(state, yaml, names=names).model
+        self.model = convert_official_auto(path).model
         self.model.args, self.model.pt_path, self.task = {}, path, "detect"
         self.ckpt = {"model": self.model, "train_args": {}}  # trainable like a loaded .pt: Ultralytics transfers it
         self.ckpt_path = self.model_name = path
@@ -139,6 +140,7 @@ class DEIM(Model):
         if "data" in kwargs:
             kwargs["data"] = resolve_data_yaml(kwargs["data"])
         if isinstance(kwargs.get("pretrained"), str) and kwargs["pretrained"] in ZOO:  # pretrained=deim-s.pt
+            check_pretrained_fits(kwargs["pretrained"], self.model)
             kwargs["pretrained"] = str(pretrained_path(kwargs["pretrained"]))
         if self.ckpt and is_backbone_file(kwargs.get("pretrained")) and not kwargs.get("resume"):
             raise ValueError(

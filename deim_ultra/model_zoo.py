@@ -112,27 +112,30 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_download(path: Path, url: str) -> None:
+def check_download(path: Path, source: str, release: Release) -> None:
     """Raise BadDownloadError unless `path` looks like a complete PyTorch checkpoint (a zip archive that opens).
 
-    Google Drive answers large files with an HTML confirmation page, and an interrupted transfer or a broken mirror
-    leaves a truncated archive; neither must be converted or cached.
+    Google Drive answers large files with an HTML confirmation page (also what `wget` of a Drive link saves), and an
+    interrupted transfer or a broken mirror leaves a truncated archive; neither must be converted or cached.
     """
     import zipfile
 
+    fix = f"Fix: download {release.url} in a browser and put it at {weights_dir() / release.file}"
     head = path.read_bytes()[:512].lstrip().lower()
     if head.startswith(HTML_STARTS):
         raise BadDownloadError(
-            f"{url} returned an HTML page, not a checkpoint (Google Drive asks to confirm large downloads). Fix: "
-            f"download it in a browser and put it at {weights_dir() / path.name}"
+            f"{source} is an HTML page, not a checkpoint (Google Drive answers large files with a confirmation "
+            f"page). {fix}"
         )
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError) as e:
-        raise BadDownloadError(f"{url} gave an incomplete or corrupt file ({path.stat().st_size} bytes: {e})") from e
+        raise BadDownloadError(
+            f"{source} is an incomplete or corrupt file ({path.stat().st_size} bytes: {e}). {fix}"
+        ) from e
     if bad is not None:
-        raise BadDownloadError(f"{url} gave a corrupt file (member '{bad}' fails its checksum)")
+        raise BadDownloadError(f"{source} is a corrupt file (member '{bad}' fails its checksum). {fix}")
 
 
 def download(release: Release, folder: Path) -> tuple[Path, str]:
@@ -144,14 +147,16 @@ def download(release: Release, folder: Path) -> tuple[Path, str]:
         BadDownloadError: When what arrived is not a complete checkpoint.
     """
     url = source_url(release)
-    fix = f"Fix: download {url} to {weights_dir() / release.file}"
+    fix = f"Fix: download {release.url} to {weights_dir() / release.file}"
     if os.environ.get(MIRROR_VARIABLE) is None and not is_online():
         raise WeightsUnavailableError(f"offline, so {release.file} cannot be downloaded. {fix}")
     try:
         path = safe_download(url, file=folder / release.file, retry=1, unzip=False, min_bytes=1e3)
     except Exception as e:  # Ultralytics raises ConnectionError, requests its own errors: one message for all
-        raise WeightsUnavailableError(f"download of {release.file} failed ({str(e).strip()}). {fix}") from e
-    check_download(Path(path), url)
+        cause = getattr(getattr(e.__cause__, "response", None), "status_code", None)
+        reason = f"HTTP {cause}" if cause else str(e).strip()
+        raise WeightsUnavailableError(f"download of {url} failed ({reason}). {fix}") from e
+    check_download(Path(path), url, release)
     return Path(path), url
 
 
@@ -197,6 +202,7 @@ def pretrained_path(name: str) -> Path | None:
         return cached
     provided = weights_dir() / release.file  # the official file, put there by hand as the offline message says
     if provided.is_file():
+        check_download(provided, f"'{provided}'", release)
         return build_cached(name, release, provided, f"file://{provided}")
     with tempfile.TemporaryDirectory(prefix="deim-download-") as folder:
         official, url = download(release, Path(folder))

@@ -22,3 +22,21 @@ def official_state(stem: nn.Module, stages: list[nn.Module], prefix: str = "") -
     for i, stage in enumerate(stages):
         state.update({f"{prefix}stages.{i}.{k}": v for k, v in stage.state_dict().items()})
     return state
+
+
+def official_weights(yaml: str = "deim-n.yaml", nc: int = 80, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict in the authors' layout (their key names) for `yaml`, as their `.pth` files hold it.
+
+    The model's own initialisation with every parameter moved by 0.02 * N(0, 1) from `seed`, so that no two class
+    rows are alike (fresh score heads all share one bias) and zero-initialised heads are live.
+    """
+    from deim_ultra.nn.tasks import DEIMDetectionModel
+    from deim_ultra.official_names import official_namer
+
+    torch.manual_seed(seed)
+    model = DEIMDetectionModel(yaml, nc=nc, verbose=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    namer = official_namer(model)
+    return {namer(k): v for k, v in model.state_dict().items()}

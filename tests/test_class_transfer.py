@@ -10,7 +10,7 @@ from deim_ultra import DEIM
 from deim_ultra.convert import convert_official_file
 from deim_ultra.data.synthetic import make_synthetic_dataset
 
-from helpers import deim_cli
+from helpers import deim_cli, official_weights
 
 # Every tensor of DEIM-N with one row per class (layer 8 is the decoder); the embedding has a padding row after them.
 CLASS_KEYS = (
@@ -33,10 +33,10 @@ def named_dataset(data, tmp_path, names: list[str]):
 
 
 @pytest.fixture(scope="module")
-def coco_checkpoint(parity_fixture, tmp_path_factory):
-    """The authors' DEIM-N weights (80 COCO classes) converted the way users do: `deim convert` of an official .pth."""
+def coco_checkpoint(tmp_path_factory):
+    """An 80-class DEIM-N in the authors' `.pth` layout, converted the way users do (`deim convert`): COCO names."""
     folder = tmp_path_factory.mktemp("official")
-    torch.save({"model": parity_fixture["state_dict"]}, folder / "deim_n_official.pth")
+    torch.save({"model": official_weights()}, folder / "deim_n_official.pth")
     path = convert_official_file(folder / "deim_n_official.pth", "deim-n.yaml")
     moved = folder / path.name
     path.replace(moved)

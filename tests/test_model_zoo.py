@@ -14,7 +14,7 @@ from deim_ultra import DEIM, convert_official
 from deim_ultra.nn.tasks import DEIMDetectionModel
 from deim_ultra.official_names import official_namer
 
-from helpers import deim_cli
+from helpers import deim_cli, official_weights
 
 COCO_NAMES = YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"]
 
@@ -92,7 +92,7 @@ def test_a_name_downloads_converts_caches_and_works_offline_afterwards(mirror, w
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>", "returned an HTML page"),
+        (b"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>", "is an HTML page"),
         (None, "incomplete or corrupt file"),
     ],
 )
@@ -121,31 +121,30 @@ def test_offline_cli_names_the_url_and_where_to_put_the_file(tmp_path):
     assert "weights" in lines[0] and "offline" in lines[0]
 
 
-def eval_logits(model: DEIM, parity_fixture) -> torch.Tensor:
+IMAGES = torch.rand(1, 3, 640, 640, generator=torch.Generator().manual_seed(0))
+
+
+def eval_logits(model: DEIM) -> torch.Tensor:
     with torch.no_grad():
-        return model.model.eval()(parity_fixture["images"][:1])[1]["pred_logits"]
+        return model.model.eval()(IMAGES)[1]["pred_logits"]
 
 
-def converted(parity_fixture) -> DEIM:
-    """The authors' DEIM-N weights through the converter, given the YAML (test_parity checks these against them)."""
-    return convert_official(parity_fixture["state_dict"], "deim-n.yaml")
-
-
-def test_an_official_file_put_in_the_weights_dir_is_converted_without_download(weights_dir, parity_fixture):
+def test_an_official_file_put_in_the_weights_dir_is_converted_without_download(weights_dir):
     weights_dir.mkdir()
-    torch.save({"model": parity_fixture["state_dict"]}, weights_dir / "deim_dfine_hgnetv2_n_coco_160e.pth")
+    state = official_weights()
+    torch.save({"model": state}, weights_dir / "deim_dfine_hgnetv2_n_coco_160e.pth")
     model = DEIM("deim-n.pt")  # offline (the tests set YOLO_OFFLINE): nothing to download
     assert (weights_dir / "deim-n.pt").is_file()
-    assert torch.equal(eval_logits(model, parity_fixture), eval_logits(converted(parity_fixture), parity_fixture))
+    assert torch.equal(eval_logits(model), eval_logits(convert_official(state, "deim-n.yaml")))
 
 
-def test_an_official_pth_converts_on_the_fly_by_its_shapes(parity_fixture, tmp_path, caplog):
-    path = tmp_path / "my_finetune.pth"
-    torch.save({"model": parity_fixture["state_dict"]}, path)
+def test_an_official_pth_converts_on_the_fly_by_its_shapes(tmp_path, caplog):
+    path, state = tmp_path / "my_finetune.pth", official_weights()
+    torch.save({"model": state}, path)
     with caplog.at_level("INFO", logger="ultralytics"):
         model = DEIM(path)
     assert "with deim-n.yaml (chosen by tensor shapes" in caplog.text
-    assert torch.equal(eval_logits(model, parity_fixture), eval_logits(converted(parity_fixture), parity_fixture))
+    assert torch.equal(eval_logits(model), eval_logits(convert_official(state, "deim-n.yaml")))
     assert model.model.names[0] == "person"
 
 
@@ -154,10 +153,11 @@ def test_an_unknown_missing_checkpoint_lists_the_names(tmp_path):
         DEIM(tmp_path / "deim-q.pt")
 
 
-def test_pretrained_accepts_a_name(weights_dir, parity_fixture, tiny_data, tmp_path):
+def test_pretrained_accepts_a_name(weights_dir, tiny_data, tmp_path):
     """`train(pretrained="deim-n.pt")` from a YAML starts from the named weights, as `yolo train pretrained=` does."""
     weights_dir.mkdir()
-    torch.save({"model": parity_fixture["state_dict"]}, weights_dir / "deim_dfine_hgnetv2_n_coco_160e.pth")
+    state = official_weights()
+    torch.save({"model": state}, weights_dir / "deim_dfine_hgnetv2_n_coco_160e.pth")
     seen = {}
     model = DEIM("deim-n.yaml")
     model.add_callback("on_train_start", lambda t: seen.update({k: v.clone() for k, v in t.model.state_dict().items()}))
@@ -172,5 +172,51 @@ def test_pretrained_accepts_a_name(weights_dir, parity_fixture, tiny_data, tmp_p
         val=False,
         project=str(tmp_path),
     )
-    stem = parity_fixture["state_dict"]["backbone.stem.stem1.conv.weight"]
-    assert torch.equal(seen["model.0.stem1.conv.weight"], stem)
+    assert torch.equal(seen["model.0.stem1.conv.weight"], state["backbone.stem.stem1.conv.weight"])
+
+
+def test_an_html_page_put_in_the_weights_dir_by_hand_is_named(weights_dir):
+    """What `wget <Drive link>` saves: the user followed the offline message, the file is Drive's HTML page."""
+    weights_dir.mkdir()
+    (weights_dir / "dfine_n_coco.pth").write_bytes(b"<!DOCTYPE html><html><head><title>Google Drive</title>" * 40)
+    with pytest.raises(ValueError, match=r"dfine_n_coco.pth' is an HTML page.*Fix: download https://github.com"):
+        DEIM("dfine-n.pt")
+    assert not (weights_dir / "dfine-n.pt").exists()
+
+
+def test_a_mirror_without_the_file_says_so_and_names_the_authors_url(mirror, weights_dir, monkeypatch):
+    _, url, _ = mirror
+    monkeypatch.setenv("DEIM_WEIGHTS_URL", url)
+    with pytest.raises(FileNotFoundError) as error:
+        DEIM("dfine-n.pt")
+    assert f"download of {url}/dfine_n_coco.pth failed (HTTP 404)" in str(error.value)
+    assert "Fix: download https://github.com/Peterande/storage/releases/download/dfinev1.0/dfine_n_coco.pth" in str(
+        error.value
+    )
+
+
+def test_cli_convert_without_a_model_chooses_like_deim_does(tmp_path):
+    torch.save({"model": official_weights("dfine-n.yaml")}, tmp_path / "dfine_custom.pth")
+    result = deim_cli("convert", "weights=dfine_custom.pth", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "with dfine-n.yaml (chosen by tensor shapes" in result.stdout + result.stderr
+    model = torch.load(tmp_path / "dfine_custom.pt", weights_only=False)["model"]
+    assert isinstance(model.model[-1].decoder.layers[0].act, torch.nn.ReLU)
+
+
+def test_pretrained_of_another_yaml_warns(weights_dir, tiny_data, tmp_path, caplog):
+    weights_dir.mkdir()
+    torch.save({"model": official_weights("dfine-n.yaml")}, weights_dir / "dfine_n_coco.pth")
+    caplog.set_level("WARNING", logger="ultralytics")
+    DEIM("deim-n.yaml").train(
+        data=str(tiny_data),
+        pretrained="dfine-n.pt",
+        epochs=1,
+        imgsz=64,
+        batch=4,
+        workers=0,
+        plots=False,
+        val=False,
+        project=str(tmp_path),
+    )
+    assert "pretrained=dfine-n.pt was trained as dfine-n.yaml, but this model is deim-n.yaml" in caplog.text
