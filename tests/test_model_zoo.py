@@ -153,25 +153,22 @@ def test_an_unknown_missing_checkpoint_lists_the_names(tmp_path):
         DEIM(tmp_path / "deim-q.pt")
 
 
+def train_one_epoch(yaml: str, pretrained: str, data, project) -> dict[str, torch.Tensor]:
+    """Train `yaml` from `pretrained` for one tiny epoch; return the weights training started from."""
+    seen = {}
+    model = DEIM(yaml)
+    model.add_callback("on_train_start", lambda t: seen.update({k: v.clone() for k, v in t.model.state_dict().items()}))
+    kwargs = dict(epochs=1, imgsz=64, batch=4, workers=0, plots=False, val=False, project=str(project))
+    model.train(data=str(data), pretrained=pretrained, **kwargs)
+    return seen
+
+
 def test_pretrained_accepts_a_name(weights_dir, tiny_data, tmp_path):
     """`train(pretrained="deim-n.pt")` from a YAML starts from the named weights, as `yolo train pretrained=` does."""
     weights_dir.mkdir()
     state = official_weights()
     torch.save({"model": state}, weights_dir / "deim_dfine_hgnetv2_n_coco_160e.pth")
-    seen = {}
-    model = DEIM("deim-n.yaml")
-    model.add_callback("on_train_start", lambda t: seen.update({k: v.clone() for k, v in t.model.state_dict().items()}))
-    model.train(
-        data=str(tiny_data),
-        pretrained="deim-n.pt",
-        epochs=1,
-        imgsz=64,
-        batch=4,
-        workers=0,
-        plots=False,
-        val=False,
-        project=str(tmp_path),
-    )
+    seen = train_one_epoch("deim-n.yaml", "deim-n.pt", tiny_data, tmp_path)
     assert torch.equal(seen["model.0.stem1.conv.weight"], state["backbone.stem.stem1.conv.weight"])
 
 
@@ -208,15 +205,5 @@ def test_pretrained_of_another_yaml_warns(weights_dir, tiny_data, tmp_path, capl
     weights_dir.mkdir()
     torch.save({"model": official_weights("dfine-n.yaml")}, weights_dir / "dfine_n_coco.pth")
     caplog.set_level("WARNING", logger="ultralytics")
-    DEIM("deim-n.yaml").train(
-        data=str(tiny_data),
-        pretrained="dfine-n.pt",
-        epochs=1,
-        imgsz=64,
-        batch=4,
-        workers=0,
-        plots=False,
-        val=False,
-        project=str(tmp_path),
-    )
+    train_one_epoch("deim-n.yaml", "dfine-n.pt", tiny_data, tmp_path)
     assert "pretrained=dfine-n.pt was trained as dfine-n.yaml, but this model is deim-n.yaml" in caplog.text
