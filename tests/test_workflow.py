@@ -207,6 +207,14 @@ def test_missing_dataset_yaml_is_named(tmp_path):
     assert "no_such_data.yaml" in result.stdout + result.stderr
 
 
+def test_the_settings_file_is_no_model_yaml():
+    from deim_ultra import DEIM
+
+    with pytest.raises(FileNotFoundError, match="Model YAML 'default.yaml' not found") as error:
+        DEIM("default.yaml")
+    assert "deim-n.yaml" in str(error.value) and "default.yaml," not in str(error.value)
+
+
 def test_missing_model_yaml_is_named(tmp_path):
     from deim_ultra import DEIM
 

@@ -21,14 +21,15 @@ MODE_SETTINGS: dict[str, frozenset] = {
 
 
 def _resolve(name: str | Path, folder: Path, kind: str) -> Path:
-    """Return `name` as given if it exists, else the file of that name shipped in `folder`."""
+    """Return `name` as given if it exists, else the file of that name shipped in `folder` (never the settings)."""
     path = Path(name)
     if path.is_file():
         return path
     shipped = folder / path.name
-    if path.name == str(name) and shipped.is_file():  # bare names only: a mistyped path must not find ours
+    settings = CFG_DIR / "default.yaml"
+    if path.name == str(name) and shipped.is_file() and shipped != settings:  # bare names only: no mistyped path
         return shipped
-    known = ", ".join(sorted(p.name for p in folder.glob("*.yaml")))
+    known = ", ".join(sorted(p.name for p in folder.glob("*.yaml") if p != settings))
     raise FileNotFoundError(f"{kind} '{name}' not found, neither as a path nor among the shipped ones: {known}")
 
 
