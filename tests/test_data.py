@@ -253,3 +253,18 @@ def test_build_deepforest_through_ultralytics_download(tmp_path):
 
     shutil.rmtree(root / "labels" / "val")  # a finished build is never redone
     assert build_deepforest(root) == root and not (root / "labels" / "val").exists()
+
+
+def test_synthetic_names_label_the_same_pixels(tmp_path):
+    """The shipped shapes.yaml names its classes by colour and shape; the folder's data.yaml must say the same, so a
+    model trained on either YAML fine-tunes on the other with its classes matched by name."""
+    kwargs = dict(n_train=2, n_val=1, imgsz=64, nc=3, seed=0)
+    plain = make_synthetic_dataset(tmp_path / "plain", **kwargs)
+    named = make_synthetic_dataset(
+        tmp_path / "named", names=["red rectangle", "green ellipse", "blue triangle"], **kwargs
+    )
+    assert check_det_dataset(str(named))["names"] == {0: "red rectangle", 1: "green ellipse", 2: "blue triangle"}
+    for image in ("train/000000.png", "val/000000.png"):
+        assert (plain.parent / "images" / image).read_bytes() == (named.parent / "images" / image).read_bytes()
+    with pytest.raises(ValueError, match="names has 2 entries for nc=3"):
+        make_synthetic_dataset(tmp_path / "bad", names=["a", "b"], **kwargs)

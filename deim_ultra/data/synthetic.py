@@ -142,6 +142,7 @@ def make_synthetic_dataset(
     max_size: int = 48,
     noise: int = 8,
     image_format: str = "png",
+    names: list[str] | None = None,
 ) -> Path:
     """Generate (or reuse) a synthetic YOLO detection dataset under `root` and return its data YAML path.
 
@@ -159,12 +160,16 @@ def make_synthetic_dataset(
         noise: amplitude of the uniform per-pixel noise, in grey levels; keep it well under 48 so shapes stay
             separable from the background (see BACKGROUND_LEVELS).
         image_format: "png" (lossless, pixels match the labels exactly) or "jpg" (quality 95, much smaller).
+        names: class names for data.yaml (default: the shape names), e.g. the ones a shipped dataset YAML gives, so
+            that a model trained on either YAML has the same names to fine-tune from. Pixels do not depend on them.
 
     Returns:
         Path of root/data.yaml (Ultralytics dataset YAML with an absolute `path`).
     """
     if not 1 <= min_size <= max_size or not 0 <= min_objects <= max_objects or nc < 1 or imgsz < 4:
         raise ValueError("need 1 <= min_size <= max_size, 0 <= min_objects <= max_objects, nc >= 1 and imgsz >= 4")
+    if names is not None and len(names) != nc:
+        raise ValueError(f"names has {len(names)} entries for nc={nc}")
     if image_format not in ENCODE_PARAMS:
         raise ValueError(f"image_format must be one of {sorted(ENCODE_PARAMS)}, got '{image_format}'")
     root = Path(root).resolve()
@@ -183,6 +188,9 @@ def make_synthetic_dataset(
         image_format=image_format,
     )
     if yaml_file.exists() and yaml.safe_load(yaml_file.read_text()).get("synthetic") == params:
+        if names:  # same pixels: only the names may change
+            data = yaml.safe_load(yaml_file.read_text())
+            yaml_file.write_text(yaml.safe_dump({**data, "names": dict(enumerate(names))}, sort_keys=False))
         return yaml_file
     yaml_file.unlink(missing_ok=True)  # written last, so its presence marks a complete dataset
     for sub in ("images", "labels"):
@@ -190,7 +198,8 @@ def make_synthetic_dataset(
     colours = class_colours(nc)
     for split_id, (split, n_images) in enumerate((("train", n_train), ("val", n_val))):
         write_split(root, split, split_id, n_images, params, colours)
-    names = {k: SHAPES[k % len(SHAPES)] + (f"_{k}" if k >= len(SHAPES) else "") for k in range(nc)}
+    shape_names = [SHAPES[k % len(SHAPES)] + (f"_{k}" if k >= len(SHAPES) else "") for k in range(nc)]
+    names = dict(enumerate(names or shape_names))
     data = dict(path=str(root), train="images/train", val="images/val", names=names, synthetic=params)
     yaml_file.write_text(yaml.safe_dump(data, sort_keys=False))
     return yaml_file
