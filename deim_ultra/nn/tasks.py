@@ -247,7 +247,8 @@ class DEIMDetectionModel(DEIMLoss, RTDETRDetectionModel):
             verbose (bool): Log what was transferred.
 
         Returns:
-            (int): How many tensors were transferred here (added to Ultralytics' "Transferred N/M items").
+            (int): How many tensors were transferred here in full (added to Ultralytics' "Transferred N/M items"); a
+                tensor with fresh rows for new classes is not counted, so the count agrees with the line logged here.
         """
         source, target = getattr(src_model, "names", None), self.names
         keys = class_dependent_keys(self)
@@ -267,7 +268,7 @@ class DEIMDetectionModel(DEIMLoss, RTDETRDetectionModel):
             csd.pop(key, None)
         if verbose:
             LOGGER.info(describe_transfer(source, target, rows))
-        return len(copied)
+        return len(copied) if bool((rows >= 0).all()) else 0  # partly fresh tensors are not counted as transferred
 
 
 def model_class_for(cfg: str | Path | dict) -> type[RTDETRDetectionModel]:
