@@ -14,6 +14,7 @@ import torch
 from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML
 
+from deim_ultra.class_transfer import class_dependent_keys
 from deim_ultra.model import DEIM
 from deim_ultra.model_zoo import class_names, release_for_file
 from deim_ultra.nn.tasks import DEIMDetectionModel
@@ -100,20 +101,23 @@ def load_official_weights(
 
 
 def fits_shapes(state: dict[str, torch.Tensor], model: DEIMDetectionModel) -> bool:
-    """Whether an official state dict has exactly `model`'s tensors and shapes (any class count; derived buffers and
-    training-only keys aside)."""
+    """Whether an official state dict has exactly `model`'s tensors and shapes, at any class count (the class rows
+    of the class-dependent tensors are not compared; derived buffers and training-only keys may be absent)."""
     prefixes = official_prefixes(model)
     ours = {k: v.shape for k, v in model.state_dict().items()}
+    per_class = class_dependent_keys(model)
     skipped = {rename_official_key(k, prefixes) for k in (*DERIVED_KEYS, *TRAINING_ONLY_KEYS)}
     theirs = {rename_official_key(k, prefixes): v.shape for k, v in state.items() if k not in DERIVED_KEYS}
     if None in theirs or set(ours) - skipped - set(theirs) or set(theirs) - set(ours):
         return False
-    return all(ours[k][first_dim(k) :] == v[first_dim(k) :] for k, v in theirs.items())
+    # a class-dependent tensor's first dimension is the checkpoint's class count: compare the rest
+    return all(ours[k][1:] == shape[1:] if k in per_class else ours[k] == shape for k, shape in theirs.items())
 
 
-def first_dim(key: str) -> int:
-    """Where shape comparisons start for `key`: 1 for per-class tensors (their rows count the checkpoint's classes)."""
-    return 1 if "score_head" in key or "class_embed" in key else 0
+def is_dfine_file(path: str | Path) -> bool:
+    """Whether a checkpoint's file name says D-FINE (the authors name theirs `dfine_*.pth`): same tensors as DEIM's,
+    other activations, so only the name tells."""
+    return Path(path).name.lower().startswith("dfine")
 
 
 def official_yaml(state: dict[str, torch.Tensor], family: str = "deim") -> str:
@@ -148,7 +152,7 @@ def convert_official(
         (DEIM): The model with the official weights, class count taken from the checkpoint.
     """
     state = load_official_state_dict(src)
-    if isinstance(src, (str, Path)) and Path(src).name.lower().startswith("dfine") and "deim-" in Path(str(model)).name:
+    if isinstance(src, (str, Path)) and is_dfine_file(src) and "deim-" in Path(str(model)).name:
         LOGGER.warning(
             f"'{src}' looks like a D-FINE checkpoint but {model} has DEIM's SiLU decoder: the weights load, outputs "
             f"are wrong. Fix: {Path(str(model)).name.replace('deim-', 'dfine-')}"
@@ -174,7 +178,7 @@ def convert_official_auto(path: str | Path) -> DEIM:
     state = load_official_state_dict(path)
     name = Path(path).name
     release = release_for_file(name)
-    family = "dfine" if name.lower().startswith("dfine") else "deim"
+    family = "dfine" if is_dfine_file(name) else "deim"
     yaml = release.yaml if release else official_yaml(state, family)
     names = class_names(release.dataset, state["decoder.enc_score_head.weight"].shape[0]) if release else None
     LOGGER.info(

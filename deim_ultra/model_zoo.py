@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from ultralytics import __version__
-from ultralytics.utils import LOGGER, ROOT, SETTINGS, YAML, is_online
+from ultralytics.utils import LOGGER, ROOT, YAML, is_online
 from ultralytics.utils.downloads import safe_download
 
+from deim_ultra.backbone_weights import weights_dir
 from deim_ultra.checkpoint_io import save_atomically
 
 DFINE_RELEASE = "https://github.com/Peterande/storage/releases/download/dfinev1.0"
@@ -72,11 +74,6 @@ class BadDownloadError(ValueError):
     """A downloaded file that is not the checkpoint it should be (an HTML page, a truncated file)."""
 
 
-def weights_dir() -> Path:
-    """Ultralytics' weights directory (`yolo settings weights_dir=...`), where converted checkpoints are cached."""
-    return Path(SETTINGS["weights_dir"])
-
-
 def release_for_file(name: str) -> Release | None:
     """The release whose official file is called `name` (e.g. 'dfine_s_obj365.pth'), if any."""
     return next((r for r in ZOO.values() if r.file == name), None)
@@ -118,10 +115,9 @@ def check_download(path: Path, source: str, release: Release) -> None:
     Google Drive answers large files with an HTML confirmation page (also what `wget` of a Drive link saves), and an
     interrupted transfer or a broken mirror leaves a truncated archive; neither must be converted or cached.
     """
-    import zipfile
-
     fix = f"Fix: download {release.url} in a browser and put it at {weights_dir() / release.file}"
-    head = path.read_bytes()[:512].lstrip().lower()
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
     if head.startswith(HTML_STARTS):
         raise BadDownloadError(
             f"{source} is an HTML page, not a checkpoint (Google Drive answers large files with a confirmation "
@@ -161,11 +157,11 @@ def download(release: Release, folder: Path) -> tuple[Path, str]:
 
 
 def build_cached(name: str, release: Release, official: Path, url: str) -> Path:
-    """Convert `official` (a downloaded or user-provided file) and save it as `<weights dir>/<name>`."""
-    from deim_ultra.convert import convert_official
+    """Convert `official` (a downloaded or user-provided file named `release.file`, so it takes the release's YAML
+    and class names) and save it as `<weights dir>/<name>`."""
+    from deim_ultra.convert import convert_official_auto
 
-    deim = convert_official(official, release.yaml)
-    deim.model.names = class_names(release.dataset, deim.model.yaml["nc"])
+    deim = convert_official_auto(official)
     target = weights_dir() / name
     target.parent.mkdir(parents=True, exist_ok=True)
     provenance = {"file": release.file, "url": url, "sha256": sha256(official)}
@@ -195,8 +191,10 @@ def pretrained_path(name: str) -> Path | None:
         BadDownloadError: When the download is not a complete checkpoint (nothing is cached).
     """
     release = ZOO.get(name)
-    if release is None or Path(name).is_file():
-        return None if release is None else Path(name)
+    if release is None:
+        return None
+    if Path(name).is_file():
+        return Path(name)
     cached = weights_dir() / name
     if cached.is_file():
         return cached

@@ -207,3 +207,13 @@ def test_pretrained_of_another_yaml_warns(weights_dir, tiny_data, tmp_path, capl
     caplog.set_level("WARNING", logger="ultralytics")
     train_one_epoch("deim-n.yaml", "dfine-n.pt", tiny_data, tmp_path)
     assert "pretrained=dfine-n.pt was trained as dfine-n.yaml, but this model is deim-n.yaml" in caplog.text
+
+
+def test_an_objects365_head_gets_objects365_names(weights_dir):
+    """The authors' Objects365 heads have 366 rows (labels are the dataset's 1-based category ids, row 0 unused)."""
+    weights_dir.mkdir()
+    torch.save({"model": official_weights("dfine-s.yaml", nc=366)}, weights_dir / "dfine_s_obj365.pth")
+    names = DEIM("dfine-s-obj365.pt").model.names
+    objects365 = YAML.load(ROOT / "cfg" / "datasets" / "Objects365.yaml")["names"]
+    assert len(names) == 366 and names[0] == "unused"
+    assert names[1] == objects365[0] == "Person" and names[365] == objects365[364]
