@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NoReturn
 
+from torch import nn
 from ultralytics.engine.model import Model
 from ultralytics.models.rtdetr.predict import RTDETRPredictor
-from ultralytics.models.rtdetr.val import RTDETRValidator
 from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOGGER, YAML
 from ultralytics.utils.checks import check_yaml
@@ -19,15 +19,20 @@ from deim_ultra.model_zoo import ZOO, pretrained_path
 from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer
+from deim_ultra.val import DEIMValidator, model_category_ids
 
 
 def mark_rtdetr_head(exporter) -> None:
-    """Export callback: record the head as RT-DETR's, whose output format DEIM's decoder keeps.
+    """Export callback: record the head as RT-DETR's, whose output format DEIM's decoder keeps, and the COCO
+    category ids of a model trained on COCO json data.
 
     Stock Ultralytics picks its RT-DETR pipeline (opset, predictor, post-processing) by this metadata field, so
     `RTDETR("best.onnx")` and `yolo predict model=best.onnx` decode DEIM exports correctly.
     """
     exporter.metadata["head"] = "RTDETRDecoder"
+    category_ids = model_category_ids(exporter.model)
+    if category_ids:
+        exporter.metadata["category_ids"] = category_ids
 
 
 def missing_checkpoint(path: str) -> NoReturn:
@@ -71,15 +76,22 @@ class DEIM(Model):
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:
-        """DEIM's model builder and trainer, Ultralytics' RT-DETR validator and predictor."""
+        """DEIM's model builder, trainer and validator, Ultralytics' RT-DETR predictor."""
         return {
             "detect": {
                 "model": build_detection_model,
                 "trainer": DEIMTrainer,
-                "validator": RTDETRValidator,
+                "validator": DEIMValidator,
                 "predictor": RTDETRPredictor,
             }
         }
+
+    @property
+    def category_ids(self) -> dict[int, int] | None:
+        """Class index -> the dataset's COCO category id, for a model trained on COCO json data (None otherwise):
+        `model.category_ids[int(box.cls)]` gives a prediction's category id, `model.names` its name."""
+        ids = model_category_ids(self.model) if isinstance(self.model, nn.Module) else None
+        return dict(enumerate(ids)) if ids else None
 
     def _new(self, cfg: str, task: str | None = None, verbose: bool = False) -> None:
         """Build from a YAML: a shipped name such as 'deim-s.yaml', a path, or an Ultralytics rtdetr-*.yaml."""

@@ -20,7 +20,7 @@ from torch import nn
 from ultralytics.cfg import cfg2dict
 from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.rtdetr.train import RTDETRTrainer
-from ultralytics.models.rtdetr.val import RTDETRValidator
+from ultralytics.models.rtdetr.val import RTDETRDataset
 from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, colorstr
 from ultralytics.utils.patches import override_configs
@@ -31,6 +31,8 @@ from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, ultralytics_args
 from deim_ultra.checkpoint_io import drop_results_after, publish, strip_atomically
 from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.data.audit import DatasetError, LabelAudit, check_training_set, with_one_based_hint
+from deim_ultra.data.coco_dataset import COCODEIMDataset, COCORTDETRDataset, is_coco_split
+from deim_ultra.data.coco_layout import coco_data
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
@@ -53,6 +55,7 @@ from deim_ultra.schedule import (
     stage_at,
 )
 from deim_ultra.tail_restart import BEST_STAGE1, MAP_COLUMN, load_state, restore_before, save_state
+from deim_ultra.val import DEIMValidator
 
 
 def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
@@ -179,11 +182,24 @@ class DEIMTrainer(RTDETRTrainer):
         return self.args.recipe != "none"
 
     def get_dataset(self) -> dict:
-        """Ultralytics' dataset check, its errors (a missing folder, a failed download) raised as `DatasetError`."""
-        try:
-            return super().get_dataset()
-        except RuntimeError as e:  # Ultralytics wraps every dataset problem in a RuntimeError
-            raise DatasetError(str(e)) from e
+        """A COCO json dataset's data dict (`deim_ultra.data.coco_layout`), or Ultralytics' dataset check with its
+        errors (a missing folder, a failed download) raised as `DatasetError`."""
+        data = coco_data(self.args.data)
+        if data is None:
+            try:
+                return super().get_dataset()
+            except RuntimeError as e:  # Ultralytics wraps every dataset problem in a RuntimeError
+                raise DatasetError(str(e)) from e
+        if self.args.single_cls:  # as Ultralytics' get_dataset does; COCO's evaluation then ignores categories
+            LOGGER.info("Overriding class names with single class.")
+            data.update(names={0: "item"}, nc=1, category_ids=None)
+        return data
+
+    def set_model_attributes(self):
+        """Ultralytics' attributes, plus the data's COCO category ids (None for YOLO labels), which checkpoints and
+        exports carry so that predictions can be mapped back to the dataset's ids."""
+        super().set_model_attributes()
+        self.model.category_ids = self.data.get("category_ids")
 
     def get_model(self, cfg: str | dict | None = None, weights: nn.Module | None = None, verbose: bool = True):
         """Build the model for the dataset's classes (DEIM or Ultralytics RT-DETR layers), loading `weights`."""
@@ -236,18 +252,20 @@ class DEIMTrainer(RTDETRTrainer):
         return None
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
-        """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation.
+        """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation;
+        either reading a COCO json split's labels from the json.
 
         The training set is audited before training starts (`deim_ultra.data.audit`).
         """
+        coco = is_coco_split(self.data, img_path)
+        if mode == "train" and self.recipe_active:
+            dataset_class = COCODEIMDataset if coco else DEIMDataset
+        else:
+            dataset_class = COCORTDETRDataset if coco else RTDETRDataset
         if mode != "train":
-            return super().build_dataset(img_path, mode, batch)
+            return self.make_dataset(dataset_class, img_path, mode, batch)
         try:
-            dataset = (
-                self.deim_dataset(img_path, batch)
-                if self.recipe_active
-                else super().build_dataset(img_path, mode, batch)
-            )
+            dataset = self.make_dataset(dataset_class, img_path, mode, batch)
         except RuntimeError as e:
             if "No valid images found" not in str(e):  # Ultralytics' scan kept no image; anything else is not data
                 raise
@@ -255,27 +273,28 @@ class DEIMTrainer(RTDETRTrainer):
         self.train_audit = check_training_set(dataset, img_path, self.data["nc"])
         return dataset
 
-    def deim_dataset(self, img_path: str, batch: int | None) -> DEIMDataset:
-        """The recipe's training set; RTDETRTrainer.build_dataset names its dataset class, so its arguments are
-        repeated here for DEIMDataset."""
-        return DEIMDataset(
+    def make_dataset(self, dataset_class: type, img_path: str, mode: str, batch: int | None):
+        """A `dataset_class` built as RTDETRTrainer.build_dataset builds its RTDETRDataset
+        (ultralytics/models/rtdetr/train.py), whose arguments are repeated because it names its class."""
+        split = "train" if mode == "train" else self.args.split
+        return dataset_class(
             img_path=img_path,
             imgsz=self.args.imgsz,
             batch_size=batch,
-            augment=True,
+            augment=mode == "train",
             hyp=self.args,
             rect=False,
             cache=self.args.cache or None,
             single_cls=self.args.single_cls or False,
-            prefix=colorstr("train: "),
+            prefix=colorstr(f"{mode}: "),
             classes=self.args.classes,
             data=self.data,
-            fraction=1.0 if self.data.get("complete") else get_split_fraction(self.args.fraction, "train"),
+            fraction=1.0 if self.data.get("complete") else get_split_fraction(self.args.fraction, split),
         )
 
-    def get_validator(self) -> RTDETRValidator:
-        """Ultralytics' RT-DETR validator, given only the settings it knows."""
-        return RTDETRValidator(
+    def get_validator(self) -> DEIMValidator:
+        """DEIM's validator (Ultralytics' RT-DETR one reading COCO json), given only the settings it knows."""
+        return DEIMValidator(
             self.test_loader, save_dir=self.save_dir, args=copy(ultralytics_args(self.args)), _callbacks=self.callbacks
         )
 
