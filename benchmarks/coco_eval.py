@@ -6,8 +6,9 @@ post-processor keeps (300, or queries x classes where fewer; COCO's maxDets 100 
 DEIM-N the two give the same mAP (docs/benchmarks.md); this checks the weak models of mid-run, where the curves are
 compared. For each checkpoint it prints mAP50-95 / mAP50 from Ultralytics' validator, then from pycocotools (default
 parameters, maxDets 100, as in the authors' faster-coco-eval) on the model's detections predicted with no confidence
-threshold. Ultralytics stores a checkpoint's EMA in fp16, so its val mAP can differ from the one the training run
-logged for that epoch in the fourth decimal.
+threshold, and the COCO AP that the validator itself computes with `save_json=True` (`deim_ultra.val`, from the
+detections it validated, confidence >= 0.001), so the three can be compared. Ultralytics stores a checkpoint's EMA in
+fp16, so its val mAP can differ from the one the training run logged for that epoch in the fourth decimal.
 
     python benchmarks/coco_eval.py runs/x/weights/epoch*.pt --data DATA.yaml --imgsz 128
 """
@@ -93,15 +94,16 @@ def main() -> None:
     weights = sorted(args.weights, key=lambda p: int(epoch_of(p)) if epoch_of(p).isdigit() else float("inf"))
 
     print(f"{len(paths)} val images, {len(coco.getAnnIds())} boxes")
-    print("| checkpoint | Ultralytics mAP50-95 | COCO mAP50-95 | difference | Ultralytics mAP50 | COCO mAP50 |")
-    print("|---|---|---|---|---|---|")
+    print("| checkpoint | Ultralytics mAP50-95 | COCO mAP50-95 | difference | Ultralytics mAP50 | COCO mAP50 | "
+          "validator's COCO AP |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for path in weights:
         model = DEIM(path)
         metrics = model.val(data=args.data, imgsz=args.imgsz, batch=args.batch, device=args.device, plots=False,
-                            verbose=False)  # fmt: skip
+                            save_json=True, verbose=False)  # fmt: skip
         ours, ours50 = metrics.box.map, metrics.box.map50
         theirs, theirs50 = coco_map(model, coco, paths, args.imgsz, args.batch)
-        cells = [f"{ours:.4f}", f"{theirs:.4f}", f"{ours - theirs:+.4f}", f"{ours50:.4f}", f"{theirs50:.4f}"]
+        cells = [f"{ours:.4f}", f"{theirs:.4f}", f"{ours - theirs:+.4f}", f"{ours50:.4f}", f"{theirs50:.4f}",
+                 f"{metrics.coco['AP']:.4f}"]  # fmt: skip
         print(f"| {epoch_of(path)} | " + " | ".join(cells) + " |")
 
 

@@ -5,7 +5,7 @@ order of `categories`, named by `categories`. Every entry that cannot be used is
 entries (see `SKIPPED`), and the rest is read:
 
 - a category whose name is numeric, missing or a repeat of an earlier one keeps its class, with its name made usable;
-- an image without `file_name`, or repeating an earlier image id, is skipped;
+- an image without `file_name`, or repeating an earlier image id or file name, is skipped;
 - an annotation whose image or category is not listed, or whose `bbox` is missing, malformed, of zero or negative size
   or entirely outside the image, is skipped; a box crossing the image border is clipped to it;
 - `iscrowd=1` boxes are no training targets but stay in the evaluation ground truth, where COCO's evaluation treats
@@ -37,6 +37,7 @@ SKIPPED = {  # kind: what the log line says about the entries of that kind
     "duplicate_name": "categories repeating an earlier name (renamed <name>_<id>)",
     "no_file_name": "images without file_name, skipped",
     "duplicate_image": "images repeating an earlier image id, skipped (their annotations go to the first)",
+    "duplicate_file": "images repeating an earlier file_name, skipped",
     "unknown_image": "annotations of an image id not in images, skipped",
     "unknown_category": "annotations of a category id not in categories, skipped",
     "bad_bbox": "annotations whose bbox is missing, not 4 numbers, or of negative size, skipped",
@@ -145,7 +146,7 @@ def read_images(content: dict, json_file: Path, problems: dict) -> dict[int | st
     entries = content.get("images")
     if not isinstance(entries, list):
         raise DatasetError(f"{json_file} has no 'images' list")
-    images = {}
+    images, files = {}, set()
     for i, entry in enumerate(entries):
         entry = entry if isinstance(entry, dict) else {}
         iid, file_name = entry.get("id"), entry.get("file_name")
@@ -155,6 +156,10 @@ def read_images(content: dict, json_file: Path, problems: dict) -> dict[int | st
         if iid in images or not isinstance(iid, (int, str)) or isinstance(iid, bool):
             problems["duplicate_image"].append(f"id {iid!r} '{file_name}'")
             continue
+        if file_name in files:
+            problems["duplicate_file"].append(f"id {iid!r} '{file_name}'")
+            continue
+        files.add(file_name)
         width, height = entry.get("width"), entry.get("height")
         size_given = is_integer(width) and is_integer(height) and width > 0 and height > 0
         images[iid] = CocoImage(iid, file_name, width if size_given else None, height if size_given else None)
