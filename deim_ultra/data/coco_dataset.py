@@ -13,7 +13,7 @@ from itertools import repeat
 from pathlib import Path
 
 import numpy as np
-from ultralytics.data.utils import check_image, get_hash
+from ultralytics.data.utils import check_file_speeds, check_image, get_hash
 from ultralytics.models.rtdetr.val import RTDETRDataset
 
 from deim_ultra.data.coco_json import CocoSplit, read_coco_json
@@ -77,12 +77,15 @@ class COCOLabels:
     image_dir: Path
 
     def get_img_files(self, img_path: str) -> list[str]:
-        """The json's readable entries' image files, sorted as Ultralytics sorts a folder, cut to `fraction`."""
+        """The json's usable entries' image files, sorted and cut to `fraction` as in `BaseDataset.get_img_files`,
+        whose read-speed check runs too (it also draws from `random`, so a seed gives the batches of YOLO labels)."""
         self.coco = read_coco_json(img_path)
         self.image_dir = Path(self.data["coco_images"][img_path])
         files = sorted(self.coco.image_ids(self.image_dir))
         count = self.fraction if isinstance(self.fraction, int) else max(1, round(len(files) * self.fraction))
-        return files[:count]
+        files = files[:count]
+        check_file_speeds(files, prefix=self.prefix)
+        return files
 
     def get_label_files(self) -> list[str]:
         """One pseudo label file per image inside a folder named after the json, which places Ultralytics' label
