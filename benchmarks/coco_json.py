@@ -42,6 +42,12 @@ def train(fmt: str, seed: int, args, data: str) -> float:
     return convergence.train_logged("a", seed, run_args, data)[-1]["map"]
 
 
+def final_map(run_dir: Path) -> float:
+    """The last epoch's val mAP50-95 in a run's results.csv."""
+    with open(run_dir / "results.csv") as f:
+        return float(list(csv.DictReader(f))[-1]["metrics/mAP50-95(B)"])
+
+
 def validate(weights: Path, data: str, args, name: str) -> tuple[float, float]:
     """Ultralytics' mAP50-95 and COCO's AP of `weights` on the val split of `data`."""
     metrics = DEIM(weights).val(data=data, imgsz=args.imgsz, batch=args.batch, save_json=True, plots=False,
@@ -54,6 +60,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--category-ids", nargs=3, type=int, default=[1, 7, 42])
     parser.add_argument("--out", type=Path, default=Path("runs/coco_json"))
+    parser.add_argument("--validate-only", action="store_true", help="validate the runs already in --out again")
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -64,10 +71,13 @@ def main() -> None:
     data = {"yolo": str(yaml_file), "coco": str(root)}
 
     runs = [(fmt, seed) for seed in args.seeds for fmt in data]
-    print(f"{len(runs)} runs, 2 at a time; console output in {args.out}/<format>/a_seed<seed>.log", flush=True)
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {run: pool.submit(train, *run, args, data[run[0]]) for run in runs}
-        finals = {run: future.result() for run, future in futures.items()}
+    if args.validate_only:
+        finals = {run: final_map(args.out / run[0] / f"a_seed{run[1]}") for run in runs}
+    else:
+        print(f"{len(runs)} runs, 2 at a time; console output in {args.out}/<format>/a_seed<seed>.log", flush=True)
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {run: pool.submit(train, *run, args, data[run[0]]) for run in runs}
+            finals = {run: future.result() for run, future in futures.items()}
 
     rows = []
     for fmt, seed in runs:

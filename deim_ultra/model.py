@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from torch import nn
 from ultralytics.engine.model import Model
 from ultralytics.models.rtdetr.predict import RTDETRPredictor
+from ultralytics.nn.autobackend import AutoBackend
 from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOGGER, YAML
 from ultralytics.utils.checks import check_yaml
@@ -89,8 +91,14 @@ class DEIM(Model):
     @property
     def category_ids(self) -> dict[int, int] | None:
         """Class index -> the dataset's COCO category id, for a model trained on COCO json data (None otherwise):
-        `model.category_ids[int(box.cls)]` gives a prediction's category id, `model.names` its name."""
-        ids = model_category_ids(self.model) if isinstance(self.model, nn.Module) else None
+        `model.category_ids[int(box.cls)]` gives a prediction's category id, `model.names` its name. An exported
+        model reads it from the export's metadata."""
+        if isinstance(self.model, nn.Module):
+            ids = model_category_ids(self.model)
+        else:  # an export: Ultralytics' backend reads its metadata (the predictor's, or one loaded for this)
+            cpu = torch.device("cpu")
+            backend = self.predictor.model if self.predictor else AutoBackend(self.model, device=cpu, verbose=False)
+            ids = model_category_ids(backend)
         return dict(enumerate(ids)) if ids else None
 
     def _new(self, cfg: str, task: str | None = None, verbose: bool = False) -> None:

@@ -14,6 +14,7 @@ On top of RTDETRValidator:
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,14 @@ from deim_ultra.data.coco_layout import coco_data, data_yaml
 
 def model_category_ids(model: torch.nn.Module) -> list[int] | None:
     """The category ids a model was trained with (a checkpoint, or an export's metadata), if it records them."""
-    for source in (model, getattr(model, "model", None)):
-        ids = getattr(source, "category_ids", None)
+    sources = (model, getattr(model, "model", None), getattr(model, "metadata", None) or {})
+    for source in sources:
+        ids = source.get("category_ids") if isinstance(source, dict) else getattr(source, "category_ids", None)
+        if isinstance(ids, str):  # exports keep metadata as text, which Ultralytics parses for its own keys only
+            ids = ast.literal_eval(ids)
         if ids:
             return list(ids)
-    metadata = getattr(model, "metadata", None) or {}
-    return list(metadata["category_ids"]) if metadata.get("category_ids") else None
+    return None
 
 
 class DEIMValidator(RTDETRValidator):
@@ -45,7 +48,7 @@ class DEIMValidator(RTDETRValidator):
     def __call__(self, trainer=None, model=None, **kwargs: Any):
         """Ultralytics' validation; a COCO `data` outside training is handed to it as a temporary data YAML, since
         Ultralytics reads its dataset from a YAML path at this point (the training run passes its own data dict)."""
-        coco = None if trainer is not None else coco_data(self.args.data)
+        coco = None if trainer is not None else coco_data(self.args.data, needed=(self.args.split or "val",))
         if coco is None:
             return super().__call__(trainer, model, **kwargs)
         source = self.args.data
@@ -88,6 +91,8 @@ class DEIMValidator(RTDETRValidator):
         ids = self.data.get("category_ids") or model_category_ids(model)
         if ids and len(ids) == self.nc:
             self.class_map = ids
+            if self.build_gdict:  # Ultralytics listed its default ids as the ground truth's categories
+                self.gdict["categories"] = [{"id": x} for x in self.class_map]
         if self.coco_split is not None:
             self.args.save_json |= not self.training
             self.is_custom_json = self.build_gdict = False

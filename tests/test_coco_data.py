@@ -78,12 +78,14 @@ def test_cli_trains_on_a_coco_folder_with_the_json_classes(trained):
 
 def test_coco_val_equals_yolo_val_and_reports_coco_ap(trained, coco_root, tmp_path):
     best = trained / "weights" / "best.pt"
-    settings = dict(imgsz=IMGSZ, batch=2, project=str(tmp_path), plots=False)
+    settings = dict(imgsz=IMGSZ, batch=2, project=str(tmp_path), plots=False, save_json=True)
     yolo = DEIM(best).val(data=str(coco_root / "data.yaml"), name="yolo", **settings)
     coco = DEIM(best).val(data=str(coco_root), name="coco", **settings)
     assert yolo.box.map50 > 0
     assert abs(coco.box.map - yolo.box.map) <= 0.001
     assert coco.coco["AP"] > 0 and abs(coco.coco["AP"] - yolo.box.map) < 0.1
+    # COCO's evaluation of the YOLO labels (ground truth rebuilt from them) scores the checkpoint's category ids too.
+    assert yolo.coco["AP"] == pytest.approx(coco.coco["AP"], abs=1e-3)
     truth = json.loads((coco_root / "annotations" / "instances_val.json").read_text())
     predictions = json.loads((tmp_path / "coco" / "predictions.json").read_text())
     assert {p["image_id"] for p in predictions} <= {image["id"] for image in truth["images"]}
@@ -103,13 +105,30 @@ def test_cli_val_with_save_json_prints_coco_ap_with_the_original_ids(trained, co
     assert {p["category_id"] for p in predictions} <= set(CATEGORY_IDS)
 
 
+def roboflow_placeholder(content: dict) -> None:
+    """Roboflow's COCO export: category 0 is the dataset, the supercategory of the real ones, with no box."""
+    for category in content["categories"]:
+        category["supercategory"] = "shapes-x1y2"
+    content["categories"].insert(0, dict(id=0, name="shapes-x1y2", supercategory="none"))
+
+
 def test_roboflow_and_yaml_layouts_read_the_same_dataset(trained, coco_root, tmp_path):
-    """The same images and json in Roboflow's export layout, and as a data YAML naming json files kept elsewhere with
-    explicit image folders: each validates to the COCO 2017 layout's numbers."""
+    """The same images and json in Roboflow's export layout (with its dataset-name category), as a data YAML naming
+    json files kept elsewhere with explicit image folders, and with file names relative to the dataset root: each
+    validates to the COCO 2017 layout's numbers with the same classes."""
     roboflow = tmp_path / "roboflow"
     for split, folder in (("train", "train"), ("val", "valid")):
         shutil.copytree(coco_root / "images" / split, roboflow / folder)
         shutil.copy(coco_root / "annotations" / f"instances_{split}.json", roboflow / folder / "_annotations.coco.json")
+        edit_json(roboflow / folder / "_annotations.coco.json", roboflow_placeholder)
+    root_relative = tmp_path / "root_relative"
+    (root_relative / "annotations").mkdir(parents=True)
+    (root_relative / "images").symlink_to(coco_root / "images")
+    for split in ("train", "val"):
+        content = json.loads((coco_root / "annotations" / f"instances_{split}.json").read_text())
+        for image in content["images"]:
+            image["file_name"] = f"images/{split}/{image['file_name']}"
+        (root_relative / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
     labels = tmp_path / "labels_only"
     shutil.copytree(coco_root / "annotations", labels)
     data_yaml = tmp_path / "coco.yaml"
@@ -120,7 +139,7 @@ def test_roboflow_and_yaml_layouts_read_the_same_dataset(trained, coco_root, tmp
     best = trained / "weights" / "best.pt"
     settings = dict(imgsz=IMGSZ, batch=2, project=str(tmp_path), plots=False)
     reference = DEIM(best).val(data=str(coco_root), name="coco2017", **settings).box.map
-    for name, data in (("roboflow", roboflow), ("yaml", data_yaml)):
+    for name, data in (("roboflow", roboflow), ("yaml", data_yaml), ("root_relative", root_relative)):
         metrics = DEIM(best).val(data=str(data), name=name, **settings)
         assert metrics.box.map == pytest.approx(reference, abs=1e-6), name
         assert metrics.names == dict(enumerate(NAMES))
@@ -132,6 +151,22 @@ def test_export_metadata_carries_the_category_ids(trained, tmp_path):
     exported = DEIM(weights).export(format="onnx", imgsz=IMGSZ)
     metadata = {p.key: p.value for p in onnx.load(exported).metadata_props}
     assert yaml.safe_load(metadata["category_ids"]) == CATEGORY_IDS
+    assert DEIM(exported).category_ids == dict(enumerate(CATEGORY_IDS))
+
+
+def test_val_only_dataset_and_a_lone_json_validate(trained, coco_root, tmp_path):
+    """Evaluating on a downloaded val split alone: a folder with only instances_val.json, or that json itself."""
+    val_only = tmp_path / "val_only"
+    (val_only / "annotations").mkdir(parents=True)
+    shutil.copy(coco_root / "annotations" / "instances_val.json", val_only / "annotations")
+    shutil.copytree(coco_root / "images" / "val", val_only / "val")
+    best = trained / "weights" / "best.pt"
+    settings = dict(imgsz=IMGSZ, batch=2, project=str(tmp_path), plots=False)
+    reference = DEIM(best).val(data=str(coco_root), name="full", **settings).box.map
+    folder = DEIM(best).val(data=str(val_only), name="folder", **settings)
+    lone = DEIM(best).val(data=str(val_only / "annotations" / "instances_val.json"), name="json", **settings)
+    assert folder.box.map == pytest.approx(reference, abs=1e-6) and lone.box.map == pytest.approx(reference, abs=1e-6)
+    assert folder.coco["AP"] > 0
 
 
 def test_a_changed_json_is_read_again(coco_root, trained, tmp_path):
@@ -171,6 +206,7 @@ def bad_run(tmp_path_factory) -> tuple[str, object]:
             dict(id=500, file_name="missing.png", width=64, height=64),  # file missing
             dict(id=501, file_name=content["images"][5]["file_name"]),  # repeats a file name
         ]
+        content["images"][6].update(width=128, height=96)  # not the file's 64x64
 
     edit_json(root / "annotations" / "instances_train.json", edit)
     edit_json(
@@ -200,6 +236,8 @@ def bad_run(tmp_path_factory) -> tuple[str, object]:
         "missing.png: ignoring corrupt image/label: image id 500 of",
         "000001.png: ignoring corrupt image/label: image id 2 of",
         "1 16-bit image(s) scaled to 8 bits per channel",
+        "000006.png: ignoring corrupt image/label: image id 7 of",
+        "gives 128x96, the file is 64x64, so its boxes may not fit the pixels",
     ],
 )
 def test_each_bad_entry_is_named_and_the_rest_trains(bad_run, message):
@@ -209,12 +247,14 @@ def test_each_bad_entry_is_named_and_the_rest_trains(bad_run, message):
 
 def test_bad_entries_leave_the_right_targets(bad_run):
     """Classes follow the json's categories (4, two of them renamed); the crowd box and the skipped annotations are no
-    targets; the unreadable and missing images are left out; the image without annotations is a background."""
+    targets; the unreadable and missing images and the one of the wrong size are left out; the image without
+    annotations is a background."""
     _, trainer = bad_run
     assert trainer.data["names"] == {0: NAMES[0], 1: NAMES[1], 2: "5", 3: f"{NAMES[0]}_8"}
     assert trainer.data["category_ids"] == [*CATEGORY_IDS, 7, 8]
     labels = {Path(lb["im_file"]).name: lb for lb in trainer.train_loader.dataset.labels}
-    assert "000001.png" not in labels and "missing.png" not in labels and len(labels) == 7
+    assert "000001.png" not in labels and "missing.png" not in labels and "000006.png" not in labels
+    assert len(labels) == 6
     truth = json.loads((Path(trainer.args.data) / "annotations" / "instances_train.json").read_text())
     first_image_boxes = [a for a in truth["annotations"] if a["image_id"] == 1 and a["id"] < 1000]
     assert len(labels["000000.png"]["cls"]) == len(first_image_boxes)  # none of 1001-1004 became a target

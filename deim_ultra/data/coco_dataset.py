@@ -42,13 +42,15 @@ def verify_coco_image(args: tuple) -> tuple | list:
     except Exception as e:  # missing, truncated, not an image: Ultralytics' scan catches everything here too
         msg = f"{prefix}{im_file}: ignoring corrupt image/label: image id {image_id!r} of {json_file}: {e}"
         return [None] * 5 + [0, 0, 0, 1, msg]
+    if json_size and json_size != (shape[1], shape[0]):  # resized after annotation, EXIF-rotated, or a wrong entry
+        msg = (
+            f"{prefix}{im_file}: ignoring corrupt image/label: image id {image_id!r} of {json_file} gives "
+            f"{json_size[0]}x{json_size[1]}, the file is {shape[1]}x{shape[0]}, so its boxes may not fit the pixels. "
+            "Fix: the image's true width and height in the json (boxes in those pixels)"
+        )
+        return [None] * 5 + [0, 0, 0, 1, msg]
     msg = f"{prefix}{msg}" if msg else ""
     width, height = json_size or (shape[1], shape[0])
-    if json_size and json_size != (shape[1], shape[0]):
-        msg = (
-            f"{prefix}{im_file}: image id {image_id!r} of {json_file} gives {width}x{height}, the file is "
-            f"{shape[1]}x{shape[0]}: boxes read in the json's size"
-        )
     label = np.zeros((len(boxes), 5), np.float32)
     if len(boxes):
         label[:, 0] = boxes[:, 0]

@@ -34,6 +34,8 @@ from deim_ultra.weights import listing
 SKIPPED = {  # kind: what the log line says about the entries of that kind
     "numeric_name": "categories with a numeric name (kept as the class name; it is not the class index)",
     "missing_name": "categories without a name (named category_<id>)",
+    "placeholder": "categories that are Roboflow's dataset-name placeholder (no box, the supercategory of every other "
+    "category), not made a class",
     "duplicate_name": "categories repeating an earlier name (renamed <name>_<id>)",
     "no_file_name": "images without file_name, skipped",
     "duplicate_image": "images repeating an earlier image id, skipped (their annotations go to the first)",
@@ -113,16 +115,39 @@ def load_json(json_file: Path) -> tuple[dict, str]:
     return content, hashlib.sha256(raw).hexdigest()
 
 
+def roboflow_placeholder(categories: list, annotations: list) -> dict | None:
+    """The category Roboflow's COCO export adds for the dataset itself: no annotation uses it and every other category
+    names it as its supercategory."""
+    used = {a.get("category_id") for a in annotations if isinstance(a, dict)}
+    named = [c for c in categories if isinstance(c, dict)]
+    for category in named:
+        others = [c for c in named if c is not category]
+        if (
+            others
+            and category.get("id") not in used
+            and all(c.get("supercategory") == category.get("name") for c in others)
+        ):
+            return category
+    return None
+
+
 def read_categories(content: dict, json_file: Path, problems: dict) -> tuple[list[int], dict[int, str]]:
     """Category ids in `categories` order and the class names, made unique and non-empty."""
     categories = content.get("categories")
     if not isinstance(categories, list) or not categories:
         raise DatasetError(f"{json_file} has no 'categories' list: COCO json names its classes there")
+    placeholder = roboflow_placeholder(categories, content.get("annotations") or [])
+    if placeholder is not None:
+        problems["placeholder"].append(f"id {placeholder.get('id')} '{placeholder.get('name')}'")
+        categories = [c for c in categories if c is not placeholder]
     ids, names, seen = [], {}, set()
     for i, category in enumerate(categories):
         cid = category.get("id") if isinstance(category, dict) else None
         if not is_integer(cid):
-            raise DatasetError(f"{json_file}: categories[{i}] has id {cid!r}; category ids must be integers")
+            raise DatasetError(
+                f"{json_file}: categories[{i}] has id {cid!r}; category ids must be integers. Fix: integer ids in "
+                "'categories' and the same integers as each annotation's category_id"
+            )
         if cid in ids:
             raise DatasetError(f"{json_file}: category id {cid} is listed twice in 'categories'")
         name = category.get("name")

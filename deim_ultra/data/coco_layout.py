@@ -59,7 +59,7 @@ def image_dir_candidates(json_file: Path, split: str) -> list[Path]:
     folders = [json_file.parent]
     if json_file.parent.name == "annotations":  # COCO 2017 layout: the folder is named after the json's split
         root, name = json_file.parent.parent, json_file.stem.removeprefix("instances_")
-        folders += [root / name, root / "images" / name, root / split, root / "images" / split, root / "images"]
+        folders += [root / name, root / "images" / name, root / split, root / "images" / split, root / "images", root]
     return list(dict.fromkeys(folders))
 
 
@@ -82,9 +82,11 @@ def find_image_dir(json_file: Path, split: str, explicit: Path | None) -> Path:
     return candidates[hits.index(max(hits))]
 
 
-def coco_splits(data: str | Path) -> tuple[Path, dict[str, Path], dict[str, Path | None], dict] | None:
+def coco_splits(
+    data: str | Path, needed: tuple[str, ...]
+) -> tuple[Path, dict[str, Path], dict[str, Path | None], dict] | None:
     """(root, json file per split, explicit image folder per split, the YAML's other keys) of a COCO `data`, or None
-    when `data` is not given as COCO json."""
+    when `data` is not given as COCO json. A json file alone is the one split `needed` (validation)."""
     path = Path(str(data))
     if path.is_dir():
         jsons = coco2017_jsons(path)
@@ -92,6 +94,8 @@ def coco_splits(data: str | Path) -> tuple[Path, dict[str, Path], dict[str, Path
             jsons = {s: path / d / ROBOFLOW_JSON for s, d in ROBOFLOW.items() if (path / d / ROBOFLOW_JSON).is_file()}
         return (path.resolve(), jsons, {}, {}) if jsons else None
     if path.suffix == ".json" and path.is_file():
+        if len(needed) == 1:
+            return path.resolve().parent, {needed[0]: path.resolve()}, {}, {}
         raise DatasetError(
             f"data={data} names one json file, but training needs a train and a val split. Fix: the folder that "
             f"holds it (COCO 2017 or Roboflow layout), or a data YAML with 'train: <json>' and 'val: <json>'"
@@ -116,8 +120,8 @@ def coco_splits(data: str | Path) -> tuple[Path, dict[str, Path], dict[str, Path
 
 
 def check_same_categories(splits: dict[str, CocoSplit]) -> None:
-    """Every split must list the train split's categories (ids and names, same order): classes are indexed by it."""
-    train = splits["train"]
+    """Every split must list the same categories (ids and names, same order): classes are indexed by them."""
+    train = next(iter(splits.values()))
     for split in splits.values():
         if (split.category_ids, split.names) != (train.category_ids, train.names):
             raise DatasetError(
@@ -127,18 +131,23 @@ def check_same_categories(splits: dict[str, CocoSplit]) -> None:
             )
 
 
-def coco_data(data: str | Path) -> dict | None:
+def coco_data(data: str | Path, needed: tuple[str, ...] = ("train", "val")) -> dict | None:
     """Ultralytics' data dict for a COCO dataset (see the module docstring), or None when `data` is not COCO json.
 
+    Args:
+        data: what the user gave as `data=`.
+        needed: the splits that must exist: train and val to train, the validated split alone to validate (then a
+            json file alone is that split).
+
     Raises:
-        DatasetError: For a COCO dataset that cannot be read: no train or val split, images not found, splits with
+        DatasetError: For a COCO dataset that cannot be read: a needed split missing, images not found, splits with
             different categories, or a json that is not COCO.
     """
-    found = coco_splits(data)
+    found = coco_splits(data, needed)
     if found is None:
         return None
     root, jsons, explicit, content = found
-    for split in ("train", "val"):
+    for split in needed:
         if split not in jsons:
             raise DatasetError(
                 f"data={data}: no {split} split found (looked for annotations/instances_{split}*.json and "
@@ -147,7 +156,7 @@ def coco_data(data: str | Path) -> dict | None:
     image_dirs = {s: find_image_dir(f, s, explicit.get(s)) for s, f in jsons.items()}
     splits = {s: read_coco_json(f) for s, f in jsons.items()}
     check_same_categories(splits)
-    train = splits["train"]
+    train = splits.get("train") or next(iter(splits.values()))
     if content.get("names") is not None and list(yaml_names(content["names"])) != list(train.names.values()):
         raise DatasetError(
             f"data={data}: 'names' {content['names']} differ from the json's categories {list(train.names.values())}. "
@@ -171,8 +180,14 @@ def yaml_names(names: list | dict) -> list[str]:
 
 @contextlib.contextmanager
 def data_yaml(data: dict) -> Iterator[str]:
-    """A temporary data YAML holding `data`, for Ultralytics code that takes its dataset as a YAML path."""
+    """A temporary data YAML holding `data`, for Ultralytics code that takes its dataset as a YAML path.
+
+    Ultralytics requires `train` and `val` in every data YAML; a split `data` lacks (a val-only dataset) names the
+    json of one it has, and is never read.
+    """
+    present = next(data[s] for s in SPLITS if data.get(s))
+    content = {"train": present, "val": present, **{k: str(v) if isinstance(v, Path) else v for k, v in data.items()}}
     with tempfile.TemporaryDirectory(prefix="deim-coco-") as folder:
         file = Path(folder) / "data.yaml"
-        YAML.save(file, {k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+        YAML.save(file, content)
         yield str(file)
