@@ -28,6 +28,7 @@ HELP = f"""Usage: deim MODE key=value ...
   keys     any Ultralytics setting (see `yolo cfg`) plus the DEIM settings below
 
   deim train model=deim-n.yaml data=deepforest.yaml epochs=72 imgsz=640
+  deim train model=deim-s.pt data=path/to/coco   # COCO json: COCO 2017 or Roboflow folder, or a YAML naming json
   deim val model=runs/detect/train/weights/best.pt
   deim predict model=best.pt source=image.jpg
   deim export model=best.pt format=onnx

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from ultralytics.cfg import cfg2dict
-from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRDataset
 from ultralytics.nn.tasks import RTDETRDetectionModel
@@ -33,7 +32,7 @@ from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.data.audit import DatasetError, LabelAudit, check_training_set, with_one_based_hint
 from deim_ultra.data.coco_dataset import COCODEIMDataset, COCORTDETRDataset, is_coco_split
 from deim_ultra.data.coco_layout import coco_data
-from deim_ultra.data.dataset import DEIMDataset
+from deim_ultra.data.dataset import DEIMDataset, rtdetr_style_dataset
 from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.frozen_norm import freeze_batchnorm
@@ -263,34 +262,15 @@ class DEIMTrainer(RTDETRTrainer):
         else:
             dataset_class = COCORTDETRDataset if coco else RTDETRDataset
         if mode != "train":
-            return self.make_dataset(dataset_class, img_path, mode, batch)
+            return rtdetr_style_dataset(dataset_class, img_path, self.args, self.data, mode, batch, self.args.split)
         try:
-            dataset = self.make_dataset(dataset_class, img_path, mode, batch)
+            dataset = rtdetr_style_dataset(dataset_class, img_path, self.args, self.data, mode, batch, "train")
         except RuntimeError as e:
             if "No valid images found" not in str(e):  # Ultralytics' scan kept no image; anything else is not data
                 raise
             raise with_one_based_hint(e, img_path, self.data["nc"]) from e
         self.train_audit = check_training_set(dataset, img_path, self.data["nc"])
         return dataset
-
-    def make_dataset(self, dataset_class: type, img_path: str, mode: str, batch: int | None):
-        """A `dataset_class` built as RTDETRTrainer.build_dataset builds its RTDETRDataset
-        (ultralytics/models/rtdetr/train.py), whose arguments are repeated because it names its class."""
-        split = "train" if mode == "train" else self.args.split
-        return dataset_class(
-            img_path=img_path,
-            imgsz=self.args.imgsz,
-            batch_size=batch,
-            augment=mode == "train",
-            hyp=self.args,
-            rect=False,
-            cache=self.args.cache or None,
-            single_cls=self.args.single_cls or False,
-            prefix=colorstr(f"{mode}: "),
-            classes=self.args.classes,
-            data=self.data,
-            fraction=1.0 if self.data.get("complete") else get_split_fraction(self.args.fraction, split),
-        )
 
     def get_validator(self) -> DEIMValidator:
         """DEIM's validator (Ultralytics' RT-DETR one reading COCO json), given only the settings it knows."""

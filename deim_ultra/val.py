@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ultralytics.data.utils import get_split_fraction
 from ultralytics.models.rtdetr.val import RTDETRValidator
-from ultralytics.utils import LOGGER, colorstr
+from ultralytics.utils import LOGGER
 
 from deim_ultra.coco_eval import evaluate_boxes, per_class_table
 from deim_ultra.data.coco_dataset import COCORTDETRDataset, is_coco_split
 from deim_ultra.data.coco_json import CocoSplit
 from deim_ultra.data.coco_layout import coco_data, data_yaml
+from deim_ultra.data.dataset import rtdetr_style_dataset
 
 
 def model_category_ids(model: torch.nn.Module) -> list[int] | None:
@@ -60,24 +60,11 @@ class DEIMValidator(RTDETRValidator):
                 self.args.data = source
 
     def build_dataset(self, img_path: str, mode: str = "val", batch: int | None = None):
-        """RTDETRValidator's dataset, reading labels from the json for a COCO split; its arguments are repeated from
-        RTDETRValidator.build_dataset (ultralytics/models/rtdetr/val.py), which names its dataset class."""
+        """RTDETRValidator's dataset, reading labels from the json for a COCO split."""
         if not is_coco_split(self.data, img_path):
             return super().build_dataset(img_path, mode, batch)
-        return COCORTDETRDataset(
-            img_path=img_path,
-            imgsz=self.args.imgsz,
-            batch_size=batch,
-            augment=False,
-            hyp=self.args,
-            rect=False,
-            cache=self.args.cache or None,
-            single_cls=self.args.single_cls or False,
-            prefix=colorstr(f"{mode}: "),
-            classes=self.args.classes,
-            data=self.data,
-            fraction=get_split_fraction(self.args.fraction, self.args.split or "val"),
-        )
+        split = self.args.split or "val"
+        return rtdetr_style_dataset(COCORTDETRDataset, img_path, self.args, self.data, mode, batch, split)
 
     @property
     def coco_split(self) -> CocoSplit | None:

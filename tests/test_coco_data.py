@@ -181,6 +181,36 @@ def test_a_changed_json_is_read_again(coco_root, trained, tmp_path):
     assert after == before - 1
 
 
+def pycocotools_ap(truth: Path, predictions: Path) -> float:
+    """COCO AP50-95 by pycocotools itself, from the json files."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(str(truth))
+    evaluation = COCOeval(gt, gt.loadRes(str(predictions)), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    return float(evaluation.stats[0])
+
+
+def test_crowd_boxes_are_crowd_regions_for_coco_and_no_targets(trained, coco_root, tmp_path):
+    """A crowd box (iscrowd=1) over a whole val image is no Ultralytics target, and COCO's AP is pycocotools' on the
+    json as written: detections inside the crowd region are ignored, which scores otherwise than without it."""
+    root = tmp_path / "crowd"
+    shutil.copytree(coco_root, root)
+    truth = root / "annotations" / "instances_val.json"
+    best = trained / "weights" / "best.pt"
+    plain = DEIM(best).val(data=str(root), imgsz=IMGSZ, project=str(tmp_path), name="val_plain")
+    crowd_box = dict(id=9999, image_id=1, category_id=CATEGORY_IDS[0], bbox=[0, 0, IMGSZ, IMGSZ], area=IMGSZ**2)
+    edit_json(truth, lambda c: c["annotations"].append({**crowd_box, "iscrowd": 1}))
+    crowd = DEIM(best).val(data=str(root), imgsz=IMGSZ, project=str(tmp_path), name="val_crowd")
+    assert crowd.nt_per_class.sum() == plain.nt_per_class.sum()
+    predictions = tmp_path / "val_crowd" / "predictions.json"
+    assert crowd.coco["AP"] == pytest.approx(pycocotools_ap(truth, predictions), abs=1e-9)
+    assert crowd.coco["AP"] != pytest.approx(plain.coco["AP"], abs=1e-6)  # the region changed COCO's score
+
+
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory) -> tuple[str, object]:
     """One training run on a COCO folder holding one of each bad entry; returns its log and trainer."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ultralytics.data.augment import Compose
 from ultralytics.data.dataset import YOLODataset
-from ultralytics.utils import IterableSimpleNamespace
+from ultralytics.data.utils import get_split_fraction
+from ultralytics.utils import IterableSimpleNamespace, colorstr
 
 from deim_ultra.data.augment import check_stage, deim_transforms
 
@@ -36,3 +37,40 @@ class DEIMDataset(YOLODataset):
         """Switch to data `stage` and rebuild the transforms; reset the DataLoader for its workers to see it."""
         self.stage = check_stage(stage)
         self.transforms = self.build_transforms(self.hyp)
+
+
+def rtdetr_style_dataset(
+    dataset_class: type[YOLODataset],
+    img_path: str,
+    args: IterableSimpleNamespace,
+    data: dict,
+    mode: str,
+    batch: int | None,
+    split: str,
+) -> YOLODataset:
+    """A `dataset_class` with the arguments Ultralytics' RT-DETR trainer and validator give RTDETRDataset
+    (`build_dataset` of ultralytics/models/rtdetr/train.py and val.py), repeated because they name their class.
+
+    Args:
+        dataset_class: DEIMDataset, a COCO json dataset, or RTDETRDataset itself.
+        img_path: the split's images (a folder, list or txt file), or its json for COCO data.
+        args: the trainer's or validator's settings.
+        data: Ultralytics' data dict.
+        mode: "train" (augmented) or "val".
+        batch: batch size.
+        split: the split whose `fraction` applies.
+    """
+    return dataset_class(
+        img_path=img_path,
+        imgsz=args.imgsz,
+        batch_size=batch,
+        augment=mode == "train",
+        hyp=args,
+        rect=False,
+        cache=args.cache or None,
+        single_cls=args.single_cls or False,
+        prefix=colorstr(f"{mode}: "),
+        classes=args.classes,
+        data=data,
+        fraction=1.0 if data.get("complete") else get_split_fraction(args.fraction, split),
+    )
