@@ -43,7 +43,13 @@ def model_category_ids(model: torch.nn.Module) -> list[int] | None:
 
 
 class DEIMValidator(RTDETRValidator):
-    """Validates DEIM models on YOLO or COCO json data; COCO's AP with `save_json` (see the module docstring)."""
+    """Validates DEIM models on YOLO or COCO json data; COCO's AP with `save_json` (see the module docstring).
+
+    Attributes:
+        image_ids: for COCO json data, image file -> the json's image id (set by `init_metrics`).
+    """
+
+    image_ids: dict[str, int | str]
 
     def __call__(self, trainer=None, model=None, **kwargs: Any):
         """Ultralytics' validation; a COCO `data` outside training is handed to it as a temporary data YAML, since
@@ -84,6 +90,7 @@ class DEIMValidator(RTDETRValidator):
             self.args.save_json |= not self.training
             self.is_custom_json = self.build_gdict = False
             self.gdict = self.eval_ids = None
+            self.image_ids = self.coco_split.image_ids(self.dataloader.dataset.image_dir)
 
     def pred_to_json(self, predn: dict[str, torch.Tensor], pbatch: dict[str, Any]) -> None:
         """Ultralytics' COCO results of one image, with the json's image id for COCO json data (Ultralytics takes
@@ -94,12 +101,6 @@ class DEIMValidator(RTDETRValidator):
             image_id = self.image_ids[pbatch["im_file"]]
             for detection in self.jdict[start:]:
                 detection["image_id"] = image_id
-
-    @property
-    def image_ids(self) -> dict[str, int | str]:
-        """Image file -> json image id of the COCO json being validated."""
-        dataset = self.dataloader.dataset
-        return self.coco_split.image_ids(dataset.image_dir)
 
     def eval_json(self, stats: dict[str, Any]) -> dict[str, Any]:
         """COCO's evaluation against the json for COCO json data; Ultralytics' own (labels as ground truth)
@@ -126,8 +127,7 @@ class DEIMValidator(RTDETRValidator):
         detections = pred_json if isinstance(pred_json, list) else self.jdict
         files = self.dataloader.dataset.im_files
         if self.coco_split is not None:
-            ids = self.image_ids
-            image_ids = [ids[f] for f in files]
+            image_ids = [self.image_ids[f] for f in files]
         elif isinstance(anno_json, dict):  # Ultralytics' ground truth rebuilt from YOLO labels, image ids its own
             image_ids = [image["id"] for image in anno_json["images"]]
         else:  # COCO itself in YOLO format: Ultralytics names the official json; image ids are the file names
