@@ -20,7 +20,7 @@ from deim_ultra.data.synthetic import make_synthetic_dataset
 from helpers import deim_cli
 
 IMGSZ = 96
-CATEGORY_IDS = [3, 42]  # 1-based and sparse, as COCO's own
+CATEGORY_IDS = [3, 1_099_511_627_783]  # sparse, one beyond 32 bits (COCO json allows any integer)
 NAMES = ["red box", "green blob"]  # the json's names, not the data YAML's
 
 
@@ -100,7 +100,7 @@ def test_cli_val_with_save_json_prints_coco_ap_with_the_original_ids(trained, co
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]" in out
-    assert "category id" in out and "red box" in out and " 42 " in out  # the per-class table
+    assert "category id" in out and "red box" in out and " 1099511627783 " in out  # the per-class table
     predictions = json.loads((tmp_path / "v" / "predictions.json").read_text())
     assert {p["category_id"] for p in predictions} <= set(CATEGORY_IDS)
 
