@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+EASY_IMGSZ = 96  # image size of the `easy_data` set and its `trained` model (conftest.py)
+
 
 def deim_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed `deim` command from `cwd` (outside the repository, so package data must be installed)."""

@@ -14,37 +14,18 @@ from onnx import numpy_helper
 from scipy.optimize import linear_sum_assignment
 
 from deim_ultra import DEIM
-from deim_ultra.data.synthetic import make_synthetic_dataset
 
-IMGSZ = 96
-
-
-@pytest.fixture(scope="module")
-def easy_data(tmp_path_factory) -> Path:
-    """One class, 1-2 large shapes per 96-px image: a set DEIM-N from scratch detects something on within minutes."""
-    root = tmp_path_factory.mktemp("easy")
-    return make_synthetic_dataset(root, n_train=16, n_val=4, imgsz=IMGSZ, nc=1, max_objects=2, min_size=30, max_size=60)
+from helpers import EASY_IMGSZ as IMGSZ
 
 
 @pytest.fixture(scope="module")
-def trained(easy_data, tmp_path_factory) -> Path:
-    """best.pt of DEIM-N trained 12 epochs on `easy_data` (a non-zero mAP to compare, distinct scores)."""
-    project = tmp_path_factory.mktemp("export")
-    settings = dict(epochs=12, imgsz=IMGSZ, batch=4, workers=0, plots=False, policy_epochs=[1, 2, 10], warmup_iters=1)
-    DEIM("deim-n.yaml").train(
-        data=str(easy_data), project=str(project), name="run", lr0=2e-3, backbone_lr=1e-3, seed=0, **settings
-    )
-    return project / "run" / "weights" / "best.pt"
-
-
-@pytest.fixture(scope="module")
-def exports(trained, tmp_path_factory) -> dict[str, Path]:
-    """Dynamic-batch exports of `trained`, with the default sampler and with `sampler="gather"`."""
+def exports(easy_trained, tmp_path_factory) -> dict[str, Path]:
+    """Dynamic-batch exports of `easy_trained`, with the default sampler and with `sampler="gather"`."""
     out = {}
     for sampler in ("grid_sample", "gather"):
         folder = tmp_path_factory.mktemp(sampler)
         weights = folder / "best.pt"
-        weights.write_bytes(trained.read_bytes())
+        weights.write_bytes(easy_trained.read_bytes())
         out[sampler] = Path(DEIM(weights).export(format="onnx", imgsz=IMGSZ, dynamic=True, sampler=sampler))
     return out
 
@@ -63,9 +44,9 @@ def matched_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(cost[rows, cols].max())
 
 
-def test_one_dynamic_batch_export_matches_pytorch_for_batch_1_and_3(trained, exports, easy_data):
+def test_one_dynamic_batch_export_matches_pytorch_for_batch_1_and_3(easy_trained, exports, easy_data):
     session = ort.InferenceSession(str(exports["grid_sample"]), providers=["CPUExecutionProvider"])
-    model = DEIM(trained).model.float().eval()
+    model = DEIM(easy_trained).model.float().eval()
     for n in (1, 3):
         x = images(easy_data, n)
         onnx_out = session.run(None, {"images": x})[0]
@@ -81,12 +62,12 @@ def test_one_dynamic_batch_export_matches_pytorch_for_batch_1_and_3(trained, exp
     assert onnx_out.shape == torch_out.shape and matched_difference(onnx_out[0], torch_out[0]) <= 1e-4
 
 
-def test_half_precision_forward_stays_finite_and_close(trained, easy_data):
+def test_half_precision_forward_stays_finite_and_close(easy_trained, easy_data):
     """What a float16 engine computes: the model in float16 gives finite outputs within float16 tolerance of float32.
 
     (Ultralytics exports `half=True` ONNX / TensorRT on a GPU only; this runs the same arithmetic in PyTorch on CPU.)
     """
-    model = DEIM(trained).model.float().eval()
+    model = DEIM(easy_trained).model.float().eval()
     x = torch.from_numpy(images(easy_data, 2))
     with torch.no_grad():
         full = model(x)[0].numpy()
@@ -96,9 +77,9 @@ def test_half_precision_forward_stays_finite_and_close(trained, easy_data):
         assert matched_difference(half[i], full[i]) <= 1e-2
 
 
-def test_onnx_validates_to_the_pytorch_map(trained, exports, easy_data, tmp_path):
+def test_onnx_validates_to_the_pytorch_map(easy_trained, exports, easy_data, tmp_path):
     settings = dict(data=str(easy_data), imgsz=IMGSZ, batch=2, project=str(tmp_path), plots=False)
-    pytorch = DEIM(trained).val(name="pt", **settings).box
+    pytorch = DEIM(easy_trained).val(name="pt", **settings).box
     exported = DEIM(exports["grid_sample"]).val(name="onnx", **settings).box
     assert pytorch.map50 > 0
     assert abs(exported.map - pytorch.map) <= 0.001 and abs(exported.map50 - pytorch.map50) <= 0.001
@@ -126,7 +107,7 @@ def test_gather_sampler_has_no_grid_sample_and_the_same_outputs(exports, easy_da
         assert matched_difference(out["gather"][i], out["grid_sample"][i]) <= 1e-5
 
 
-def test_openvino_export_matches_pytorch(trained, easy_data, tmp_path):
+def test_openvino_export_matches_pytorch(easy_trained, easy_data, tmp_path):
     """Ultralytics' OpenVINO export of a DEIM model: the IR run at float32 equals PyTorch; `DEIM(folder)` predicts.
 
     OpenVINO's CPU plugin runs at bfloat16 by default on CPUs with AVX512-BF16 (this one): Ultralytics' AutoBackend
@@ -135,18 +116,18 @@ def test_openvino_export_matches_pytorch(trained, easy_data, tmp_path):
     import openvino as ov
 
     weights = tmp_path / "best.pt"
-    weights.write_bytes(trained.read_bytes())
+    weights.write_bytes(easy_trained.read_bytes())
     folder = Path(DEIM(weights).export(format="openvino", imgsz=IMGSZ))
     core = ov.Core()
     compiled = core.compile_model(
         core.read_model(next(folder.glob("*.xml"))), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
     )
-    model = DEIM(trained).model.float().eval()
+    model = DEIM(easy_trained).model.float().eval()
     x = images(easy_data, 1)
     with torch.no_grad():
         reference = model(torch.from_numpy(x))[0].numpy()
     assert matched_difference(compiled(x)[0][0], reference[0]) <= 1e-4
     image = str(sorted((easy_data.parent / "images" / "val").glob("*.png"))[0])
-    ours = DEIM(trained).predict(image, imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)[0].boxes
+    ours = DEIM(easy_trained).predict(image, imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)[0].boxes
     theirs = DEIM(folder).predict(image, imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)[0].boxes
     assert len(theirs) == 5 and np.abs(theirs.conf.numpy() - ours.conf.numpy()).max() <= 0.05

@@ -112,6 +112,12 @@ class DFINEDecoder(RTDETRDecoder):
     anchors = _BufferAttribute()
     valid_mask = _BufferAttribute()
 
+    def _get_name(self) -> str:
+        """Torch's module name, read by stock Ultralytics too: `YOLO("<DEIM .pt>")` (and so `yolo val`, `yolo
+        predict`, Solutions) switches to its RT-DETR predictor and validator only for a last layer whose name contains
+        "RTDETR", and this head keeps RT-DETR's output format."""
+        return f"{type(self).__name__}(RTDETRDecoder)"
+
     def __init__(
         self,
         c1: list[int],

@@ -1,0 +1,53 @@
+"""Stock Ultralytics on a DEIM checkpoint: `YOLO(...)`, `yolo val` and `yolo predict` give DEIM's numbers."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from ultralytics import YOLO
+
+from deim_ultra import DEIM
+
+from helpers import EASY_IMGSZ
+
+
+def yolo_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run Ultralytics' own `yolo` command (the console script beside this Python)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [str(Path(sys.executable).with_name("yolo")), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def all_row(output: str) -> list[float]:
+    """The numbers of the 'all' row of Ultralytics' validation table: images, instances, P, R, mAP50, mAP50-95."""
+    row = next(line for line in output.splitlines() if line.split()[:1] == ["all"])
+    return [float(v) for v in row.split()[1:]]
+
+
+def test_yolo_class_routes_a_deim_checkpoint_to_the_rtdetr_pipeline(easy_trained, easy_data, tmp_path):
+    settings = dict(data=str(easy_data), imgsz=EASY_IMGSZ, batch=2, plots=False, project=str(tmp_path))
+    deim = DEIM(easy_trained).val(name="deim", **settings).box
+    stock = YOLO(easy_trained)
+    assert type(stock).__name__ == "RTDETR"
+    theirs = stock.val(name="yolo", **settings).box
+    assert deim.map50 > 0
+    assert abs(theirs.map - deim.map) <= 0.001 and abs(theirs.map50 - deim.map50) <= 0.001
+    image = sorted((easy_data.parent / "images" / "val").glob("*.png"))[0]
+    ours = DEIM(easy_trained).predict(image, imgsz=EASY_IMGSZ, conf=0.001, verbose=False)[0].boxes
+    stock_boxes = YOLO(easy_trained).predict(image, imgsz=EASY_IMGSZ, conf=0.001, verbose=False)[0].boxes
+    assert len(ours) > 0 and torch.equal(ours.data, stock_boxes.data)
+
+
+def test_yolo_val_command_prints_the_deim_map(easy_trained, easy_data, tmp_path):
+    deim = DEIM(easy_trained).val(data=str(easy_data), imgsz=EASY_IMGSZ, batch=2, plots=False, project=str(tmp_path))
+    result = yolo_cli(
+        "val", f"model={easy_trained}", f"data={easy_data}", f"imgsz={EASY_IMGSZ}", "batch=2", "plots=False",
+        f"project={tmp_path}", "name=yolo", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    *_, map50, map50_95 = all_row(result.stdout + result.stderr)
+    # Ultralytics prints 3 significant digits
+    assert f"{map50_95:.3g}" == f"{deim.box.map:.3g}" and f"{map50:.3g}" == f"{deim.box.map50:.3g}"
+    assert deim.box.map50 > 0
