@@ -19,7 +19,7 @@ def official(parity_fixture) -> dict:
 
 def eval_logits(deim: DEIM, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return deim.model.eval()(images)[1]["pred_logits"]
+        return deim.model.eval()(images)[1][-1]["pred_logits"]
 
 
 @pytest.mark.parametrize("layout", ["model", "ema", "raw"])

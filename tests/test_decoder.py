@@ -57,10 +57,11 @@ def _shapes(obj):
 
 
 def _eval(decoder: DFINEDecoder, feats: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Eval-mode forward without gradients."""
+    """Eval-mode forward without gradients: the detections and the eval layer's dict."""
     decoder.eval()
     with torch.no_grad():
-        return decoder(feats)
+        y, raw = decoder(feats)
+    return y, raw[-1]
 
 
 def test_eval_matches_official(decoder: DFINEDecoder, parity_fixture: dict):
@@ -228,7 +229,9 @@ def test_other_input_size_regenerates_anchors(official_decoder: DFINEDecoder):
 
 def test_export_mode_returns_topk_tensor(decoder: DFINEDecoder, parity_fixture: dict):
     decoder.export, decoder.max_det = True, 100
-    y = _eval(decoder, parity_fixture["intermediates_eval"]["encoder"])
+    decoder.eval()
+    with torch.no_grad():
+        y = decoder(parity_fixture["intermediates_eval"]["encoder"])
     assert isinstance(y, torch.Tensor) and y.shape == (2, 100, 6)
     assert (y[..., 4] - parity_fixture["postprocessed"]["scores"][:, :100]).abs().max() <= 1e-4
 
@@ -252,5 +255,5 @@ def test_input_projection_only_where_widths_differ():
     assert "denoising_class_embed.weight" not in keys
     model.eval()
     with torch.no_grad():
-        y, out = model([torch.randn(1, 384, 80, 80), torch.randn(1, 256, 40, 40), torch.randn(1, 384, 20, 20)])
+        y, (*_, out) = model([torch.randn(1, 384, 80, 80), torch.randn(1, 256, 40, 40), torch.randn(1, 384, 20, 20)])
     assert out["pred_boxes"].shape == (1, 300, 4) and y.shape == (1, 300, 6)

@@ -94,7 +94,7 @@ def eval_outputs(state: dict[str, torch.Tensor], yaml: str, image: torch.Tensor)
     """`pred_logits` and `pred_boxes` of `state` converted through `yaml`, in eval mode."""
     model = convert_official(state, yaml).model.eval()
     with torch.no_grad():
-        out = model(image)[1]
+        out = model(image)[1][-1]
     return {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
 
 

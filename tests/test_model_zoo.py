@@ -126,7 +126,7 @@ IMAGES = torch.rand(1, 3, 640, 640, generator=torch.Generator().manual_seed(0))
 
 def eval_logits(model: DEIM) -> torch.Tensor:
     with torch.no_grad():
-        return model.model.eval()(IMAGES)[1]["pred_logits"]
+        return model.model.eval()(IMAGES)[1][-1]["pred_logits"]
 
 
 def test_an_official_file_put_in_the_weights_dir_is_converted_without_download(weights_dir):

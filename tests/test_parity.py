@@ -45,7 +45,7 @@ def run(parity_fixture):
         total, groups = model.loss(batch, train_out)
     model.eval()
     with torch.no_grad():
-        _, eval_out = model(images)
+        eval_out = model(images)[1][-1]
         model.fuse(verbose=False)
         detections = model(images)[0]
     return dict(train=train_out, terms=terms, total=total, groups=groups, eval=eval_out, detections=detections)

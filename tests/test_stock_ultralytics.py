@@ -51,3 +51,10 @@ def test_yolo_val_command_prints_the_deim_map(easy_trained, easy_data, tmp_path)
     # Ultralytics prints 3 significant digits
     assert f"{map50_95:.3g}" == f"{deim.box.map:.3g}" and f"{map50:.3g}" == f"{deim.box.map50:.3g}"
     assert deim.box.map50 > 0
+
+
+def test_predict_visualize_saves_class_activation_maps(easy_trained, easy_data, tmp_path):
+    """Ultralytics' `visualize=True` (LayerCAM over the head's inputs) reads RT-DETR's per-layer logits."""
+    image = sorted((easy_data.parent / "images" / "val").glob("*.png"))[0]
+    DEIM(easy_trained).predict(image, imgsz=EASY_IMGSZ, visualize=True, project=str(tmp_path), name="vis")
+    assert list((tmp_path / "vis").rglob("*.png")) or list((tmp_path / "vis").rglob("*.jpg"))

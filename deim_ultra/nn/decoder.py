@@ -252,8 +252,10 @@ class DFINEDecoder(RTDETRDecoder):
             (earlier layers, each also with `teacher_corners`/`teacher_logits` of the last layer, `up`, `reg_scale`);
             `pre_outputs` and `enc_aux_outputs` (list of one) with `pred_logits`/`pred_boxes`; with denoising also
             `dn_outputs` (every layer, like `aux_outputs`), `dn_pre_outputs` and `dn_meta` (Ultralytics' format).
-            In eval the (B, k, 6) detections [cx, cy, w, h, score, class] if exporting, else a tuple of them and the
-            eval layer's dict (`pred_logits`, `pred_boxes`, `pred_corners`, `ref_points`, `up`, `reg_scale`).
+            In eval the (B, k, 6) detections [cx, cy, w, h, score, class] if exporting, else, in RT-DETR's layout,
+            a tuple of them and (boxes (1, B, Q, 4), logits (1, B, Q, nc), the eval layer's dict with `pred_logits`,
+            `pred_boxes`, `pred_corners`, `ref_points`, `up`, `reg_scale`): Ultralytics' class-activation maps
+            (`predict(visualize=True)`) read RT-DETR's per-layer logits there.
         """
         memory, shapes = self._get_encoder_input(x)
         dn_embed, dn_bbox, attn_mask, dn_meta = self._denoising_group(batch, min(self.num_queries, memory.shape[1]))
@@ -263,7 +265,7 @@ class DFINEDecoder(RTDETRDecoder):
             return self._training_outputs(states, enc_bboxes, enc_scores, dn_meta)
         out = self._layer_output(states.logits[-1], states.boxes[-1], states.corners[-1], states.refs[-1])
         y = self.postprocess(out["pred_boxes"], out["pred_logits"].sigmoid())
-        return y if self.export else (y, out)
+        return y if self.export else (y, (out["pred_boxes"][None], out["pred_logits"][None], out))
 
     def _get_encoder_input(self, x: list[torch.Tensor]) -> tuple[torch.Tensor, list[list[int]]]:
         """Project and flatten the levels.

@@ -143,7 +143,7 @@ class DEIMLoss:
         if preds is None:
             dn_batch = {"cls": cls, "bboxes": bboxes, "batch_idx": batch_idx, "gt_groups": gt_groups}
             preds = self.predict(img, batch=dn_batch)
-        outputs = self.criterion_outputs(preds if self.training else preds[1])
+        outputs = self.criterion_outputs(preds if self.training else preds[1][-1])
         targets = [{"labels": c, "boxes": b} for c, b in zip(cls.split(gt_groups), bboxes.split(gt_groups))]
         terms = self.criterion(outputs, targets)
         zero = img.new_zeros(())
