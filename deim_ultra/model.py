@@ -20,7 +20,7 @@ from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.model_zoo import ZOO, pretrained_path
 from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
-from deim_ultra.train import DEIMTrainer
+from deim_ultra.train import DEIMTrainer, check_resumable
 from deim_ultra.val import DEIMValidator, model_category_ids
 
 
@@ -181,12 +181,7 @@ class DEIM(Model):
                 "resume=True continues a checkpoint, but this model was built from a YAML. Fix: "
                 "resume=runs/detect/train/weights/last.pt, or DEIM('<last.pt>').train(resume=True)"
             )
-        if self.ckpt.get("optimizer") is None:
-            raise ValueError(
-                f"'{self.ckpt_path}' holds no optimizer state (a finished run's checkpoint, or a converted model): "
-                f"nothing to resume. Fix: start a new run, DEIM('{self.ckpt_path}').train(data=...), or resume an "
-                "unfinished run's last.pt"
-            )
+        check_resumable(self.ckpt, self.ckpt_path)
 
     def export(self, **kwargs: Any) -> str:
         """Export; see Ultralytics' `Model.export`. DEIM adds `sampler`: "grid_sample" (default) or "gather", which

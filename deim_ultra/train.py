@@ -79,6 +79,15 @@ def check_pretrained_model(weights: nn.Module | dict, pretrained: bool | str | P
         )
 
 
+def check_resumable(ckpt: dict, path: str | Path) -> None:
+    """Raise unless checkpoint `ckpt` (read from `path`) still holds its optimizer state, i.e. its run can go on."""
+    if ckpt.get("optimizer") is None:
+        raise ValueError(
+            f"'{path}' holds no optimizer state (a finished run's checkpoint, or a converted model): nothing to "
+            f"resume. Fix: start a new run, DEIM('{path}').train(data=...), or resume an unfinished run's last.pt"
+        )
+
+
 def freeze_constants(model: nn.Module) -> None:
     """Re-freeze the decoder's fixed FDR constants (`up`, `reg_scale`), which Ultralytics' set-up unfreezes."""
     for m in model.modules():
@@ -164,6 +173,8 @@ class DEIMTrainer(RTDETRTrainer):
         for key, value in DEIM_DEFAULTS.items():
             if key not in vars(self.args):
                 setattr(self.args, key, value)
+        if self.resume:  # Ultralytics' final strip dropped a finished run's optimizer and DEIM settings
+            check_resumable(torch.load(self.args.resume, map_location="cpu", weights_only=False), self.args.resume)
 
     def resume_training(self, ckpt: dict | None) -> None:
         """Ultralytics' resume, with results.csv cut back to the epochs `ckpt` holds: the tail restart reads the

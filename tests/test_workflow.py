@@ -244,3 +244,12 @@ def test_shipped_yamls_build_by_bare_name():
     with torch.no_grad():
         y, _ = model(torch.zeros(1, 3, IMGSZ, IMGSZ))
     assert y.shape == (1, 300, 6)
+
+
+def test_resuming_a_finished_run_through_the_trainer_says_there_is_nothing_to_resume(trained):
+    """Ultralytics' final strip drops the optimizer and the DEIM settings from last.pt: the trainer says so instead of
+    failing on the missing settings (KeyError 'auto')."""
+    from deim_ultra.train import DEIMTrainer
+
+    with pytest.raises(ValueError, match="holds no optimizer state .* nothing to resume"):
+        DEIMTrainer(overrides={"resume": str(trained / "weights" / "last.pt")}).train()
