@@ -2,6 +2,9 @@
 
 from deim_ultra.convert import convert_official
 from deim_ultra.model import DEIM
+from deim_ultra.nn.safe_load import allow_weights_only_loading
+
+allow_weights_only_loading()  # Ultralytics' ULTRALYTICS_SAFE_LOAD=1 loading then accepts DEIM checkpoints
 
 __version__ = "0.1.0"
 __all__ = ["DEIM", "convert_official", "__version__"]

@@ -58,3 +58,19 @@ def test_predict_visualize_saves_class_activation_maps(easy_trained, easy_data, 
     image = sorted((easy_data.parent / "images" / "val").glob("*.png"))[0]
     DEIM(easy_trained).predict(image, imgsz=EASY_IMGSZ, visualize=True, project=str(tmp_path), name="vis")
     assert list((tmp_path / "vis").rglob("*.png")) or list((tmp_path / "vis").rglob("*.jpg"))
+
+
+def test_ultralytics_safe_load_accepts_deim_checkpoints(easy_trained, easy_data, tmp_path):
+    """ULTRALYTICS_SAFE_LOAD=1 (torch weights_only unpickling with an allow-list) loads a DEIM checkpoint, which then
+    predicts what an ordinary load predicts."""
+    image = sorted((easy_data.parent / "images" / "val").glob("*.png"))[0]
+    script = (
+        "import sys, torch; from deim_ultra import DEIM; "
+        f"r = DEIM(r'{easy_trained}').predict(r'{image}', imgsz={EASY_IMGSZ}, conf=0.001, verbose=False)[0]; "
+        f"torch.save(r.boxes.data, r'{tmp_path / 'boxes.pt'}')"
+    )
+    env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = DEIM(easy_trained).predict(image, imgsz=EASY_IMGSZ, conf=0.001, verbose=False)[0].boxes.data
+    assert len(ours) > 0 and torch.equal(torch.load(tmp_path / "boxes.pt"), ours)
