@@ -3,8 +3,13 @@
 deim train model=deim-n.yaml data=deepforest.yaml epochs=72 imgsz=640
 deim val model=runs/detect/train/weights/best.pt
 deim predict model=best.pt source=image.jpg
+deim track model=best.pt source=video.mp4
 deim export model=best.pt format=onnx
 deim convert weights=deim_dfine_hgnetv2_s_coco.pth model=deim-s.yaml
+
+Ultralytics' special commands (`deim checks`, `version`, `settings`, `cfg`, `solutions`, ...) are Ultralytics' own
+(`ultralytics.cfg.entrypoint`), and arguments are cleaned up as `yolo` cleans them: leading `--` and trailing commas
+dropped, the optional task word (`deim detect train ...`), bare boolean flags (`save`, `agnostic_nms`).
 """
 
 from __future__ import annotations
@@ -12,15 +17,18 @@ from __future__ import annotations
 import logging
 import sys
 
-from ultralytics.cfg import check_dict_alignment, merge_equals_args, parse_key_value_pair
-from ultralytics.utils import ASSETS, LOGGER
+from ultralytics.cfg import TASKS, check_dict_alignment, entrypoint, merge_equals_args, parse_key_value_pair
+from ultralytics.utils import ASSETS, DEFAULT_CFG_DICT, LOGGER
 
 from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT, MODE_SETTINGS
 from deim_ultra.data.audit import DatasetError
 from deim_ultra.model_zoo import ZOO
 from deim_ultra.nonfinite import DivergedError
 
-MODES = ("train", "val", "predict", "export")
+MODES = ("train", "val", "predict", "track", "export")
+# Ultralytics' special commands, run by its own entrypoint (ultralytics/cfg/__init__.py, `special` in `entrypoint`).
+ULTRALYTICS_COMMANDS = ("checks", "version", "settings", "cfg", "copy-cfg", "solutions", "login", "logout")
+BARE_TRUE = {"half", "int8", "end2end", "nms"}  # flags `yolo` sets True when given bare, though their default is None
 CONVERT_KEYS = {"weights": None, "model": None}
 HELP = f"""Usage: deim MODE key=value ...
 
@@ -31,8 +39,10 @@ HELP = f"""Usage: deim MODE key=value ...
   deim train model=deim-s.pt data=path/to/coco   # COCO json: COCO 2017 or Roboflow folder, or a YAML naming json
   deim val model=runs/detect/train/weights/best.pt
   deim predict model=best.pt source=image.jpg
+  deim track model=best.pt source=video.mp4 tracker=bytetrack.yaml
   deim export model=best.pt format=onnx
   deim convert weights=official.pth model=deim-s.yaml   # writes official.pt (model= optional: found from the file)
+  deim checks | version | settings | cfg | solutions ...   # Ultralytics' own commands
 
 Pretrained names (downloaded and converted once; README "Pretrained detectors by name"):
   {", ".join(ZOO)}
@@ -58,20 +68,40 @@ def check_keys(mode: str, overrides: dict) -> None:
         LOGGER.setLevel(level)
 
 
+def clean(argument: str) -> str:
+    """An argument as `yolo` reads it: without leading `--` or a trailing comma (Ultralytics' `entrypoint` does this
+    inline, so it is repeated here)."""
+    stripped = argument.removeprefix("--").removesuffix(",")
+    if stripped != argument:
+        LOGGER.warning(f"argument '{argument}' does not need leading dashes or a trailing comma; read as '{stripped}'")
+    return stripped
+
+
 def parse(argv: list[str]) -> tuple[str, dict]:
-    """Split `MODE key=value ...` into the mode and a dict of typed values, validated like `yolo` does.
+    """Split `[TASK] MODE key=value ...` into the mode and a dict of typed values, validated like `yolo` does.
+
+    A bare flag whose default is a boolean (`save`, `agnostic_nms`) or one of BARE_TRUE means `flag=True`, as for
+    `yolo`; the task word may only be `detect`.
 
     Raises:
         SyntaxError: For an unknown key (with Ultralytics' "similar arguments" hint), a DEIM setting of another mode,
-            or a bare word.
+            another task, or a bare word that is no flag.
     """
-    mode, *pairs = merge_equals_args(argv)
+    words = [clean(a) for a in merge_equals_args(argv)]
+    if words and words[0] in TASKS:
+        if words[0] != "detect":
+            raise SyntaxError(f"task '{words[0]}': DEIM models detect; drop the task word or write 'detect'")
+        words = words[1:]
+    mode, *pairs = words or [""]
     overrides = {}
     for pair in pairs:
-        if "=" not in pair:
+        if "=" in pair:
+            key, value = parse_key_value_pair(pair)
+            overrides[key] = value
+        elif pair in BARE_TRUE or isinstance({**DEFAULT_CFG_DICT, **DEIM_CFG_DICT}.get(pair), bool):
+            overrides[pair] = True
+        else:
             raise SyntaxError(f"'{pair}' is missing '=': arguments are key=value pairs, e.g. epochs=10")
-        key, value = parse_key_value_pair(pair)
-        overrides[key] = value
     check_keys(mode, overrides)
     return mode, overrides
 
@@ -86,7 +116,7 @@ def run(mode: str, overrides: dict) -> None:
     from deim_ultra.model import DEIM
 
     model = DEIM(overrides.pop("model", "deim-n.yaml"))
-    if mode == "predict" and "source" not in overrides:
+    if mode in {"predict", "track"} and "source" not in overrides:
         overrides["source"] = ASSETS
         LOGGER.warning(f"'source' is missing; predicting on the sample images in {ASSETS}")
     getattr(model, mode)(**overrides)
@@ -98,13 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"help", "-h", "--help"}:
         print(HELP + (CFG_DIR / "default.yaml").read_text())
         return 0
-    if argv[0] not in (*MODES, "convert"):
-        LOGGER.error(f"Unknown mode '{argv[0]}'. Valid modes: {', '.join(MODES)}, convert, help")
-        return 2
+    if argv[0].lstrip("-") in ULTRALYTICS_COMMANDS:
+        entrypoint(" ".join(["yolo", argv[0].lstrip("-"), *argv[1:]]))
+        return 0
     try:
         mode, overrides = parse(argv)
     except SyntaxError as e:
         LOGGER.error(str(e))
+        return 2
+    if mode not in (*MODES, "convert"):
+        LOGGER.error(
+            f"Unknown mode '{mode}'. Valid modes: {', '.join(MODES)}, convert, help, or Ultralytics' "
+            f"{', '.join(ULTRALYTICS_COMMANDS)}"
+        )
         return 2
     try:
         run(mode, overrides)

@@ -253,3 +253,49 @@ def test_resuming_a_finished_run_through_the_trainer_says_there_is_nothing_to_re
 
     with pytest.raises(ValueError, match="holds no optimizer state .* nothing to resume"):
         DEIMTrainer(overrides={"resume": str(trained / "weights" / "last.pt")}).train()
+
+
+def test_cli_reads_arguments_as_yolo_does(trained, tiny_data, tmp_path):
+    """The optional task word, `--key=value`, a trailing comma and bare boolean flags (`save_txt`, `save_conf`)."""
+    result = deim_cli(
+        "detect", "predict", f"model={trained / 'weights' / 'best.pt'}", f"--source={val_image(tiny_data)}",
+        f"imgsz={IMGSZ},", "conf=0.0", "save_txt", "save_conf", f"project={tmp_path}", "name=p", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (tmp_path / "p" / "labels" / f"{val_image(tiny_data).stem}.txt").read_text().splitlines()
+    assert rows and all(len(row.split()) == 6 for row in rows)  # class, box and the confidence save_conf adds
+
+
+def test_cli_runs_ultralytics_special_commands(tmp_path):
+    import ultralytics
+
+    result = deim_cli("version", cwd=tmp_path)
+    assert result.returncode == 0 and ultralytics.__version__ in result.stdout + result.stderr
+
+
+def test_cli_tracks_a_video_offline(trained, tiny_data, tmp_path):
+    """`deim track` on a short video: the tracker's `lap` dependency comes with the package (Ultralytics would try to
+    install it at run time, which fails offline)."""
+    import cv2
+
+    video = tmp_path / "clip.mp4"
+    frame = cv2.imread(str(val_image(tiny_data)))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, frame.shape[1::-1])
+    for shift in range(6):
+        writer.write(np.roll(frame, shift * 2, axis=1))
+    writer.release()
+    tracker = tmp_path / "low_thresholds.yaml"  # a model trained 2 epochs scores low: let its boxes start tracks
+    tracker.write_text(
+        "tracker_type: bytetrack\ntrack_high_thresh: 0.01\ntrack_low_thresh: 0.001\nnew_track_thresh: 0.01\n"
+        "track_buffer: 30\nmatch_thresh: 0.8\nfuse_score: true\n"
+    )
+    result = deim_cli(
+        "track", f"model={trained / 'weights' / 'best.pt'}", f"source={video}", f"imgsz={IMGSZ}", "conf=0.01",
+        f"tracker={tracker}", "save_txt", f"project={tmp_path}", "name=t", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "requirement" not in (result.stdout + result.stderr).lower()  # no run-time install attempted
+    # Frame 1 starts a track for every box (a model trained 2 epochs gives later frames too little to match).
+    first = (tmp_path / "t" / "labels" / "clip_1.txt").read_text().splitlines()
+    assert first and all(len(row.split()) == 6 for row in first)  # class, box and the track id
+    assert sorted(int(row.split()[5]) for row in first) == list(range(1, len(first) + 1))

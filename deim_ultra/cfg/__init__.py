@@ -11,12 +11,13 @@ from ultralytics.utils.checks import check_yaml
 CFG_DIR = Path(__file__).resolve().parent
 DEIM_DEFAULTS: dict = YAML.load(CFG_DIR / "default.yaml")
 DEIM_CFG_DICT: dict = {**DEFAULT_CFG_DICT, **DEIM_DEFAULTS}
-# The DEIM settings each mode reads (val and predict read none): `sampler` shapes exported graphs only.
+# The DEIM settings each mode reads (val, predict and track read none): `sampler` shapes exported graphs only.
 MODE_SETTINGS: dict[str, frozenset] = {
     "train": frozenset(DEIM_DEFAULTS) - {"sampler"},
     "export": frozenset({"sampler"}),
     "val": frozenset(),
     "predict": frozenset(),
+    "track": frozenset(),
 }
 
 
