@@ -29,6 +29,12 @@ from deim_ultra.schedule import RECIPES
 
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
 FIXED = {"optimizer": "AdamW", "warmup_epochs": 0, "close_mosaic": 0}
+FIXED_EQUIVALENT = {  # how to get, under the recipe, what each fixed setting asks for
+    "optimizer": "it trains with AdamW; tune it with lr0, backbone_lr, weight_decay and momentum (beta1)",
+    "warmup_epochs": "its lr warmup is counted in iterations: set warmup_iters",
+    "close_mosaic": "mosaic and mixup end at policy_epochs[1] and all augmentation at policy_epochs[2] (the no-aug "
+    "tail): set policy_epochs=[e0,e1,e2], or mosaic=0 mixup=0",
+}
 # Every DEIM and Ultralytics RT-DETR YAML starts with the backbone's stem; Ultralytics' `freeze` takes layer indices.
 STEM_LAYER = 0
 # The DEIM multi-scale range at which 640 gives the authors' sizes 480 ... 800.
@@ -86,7 +92,7 @@ def check_refused(name: str, overrides: dict) -> None:
     """Refuse every setting of `overrides` that the recipe fixes or has no counterpart for."""
     for key, value in overrides.items():
         if key in FIXED and value != FIXED[key]:
-            refuse(name, key, value, f"the recipe fixes {key}={FIXED[key]}")
+            refuse(name, key, value, f"the recipe fixes {key}={FIXED[key]}: {FIXED_EQUIVALENT[key]}")
         if key in UNSUPPORTED and value != DEFAULT_CFG_DICT[key]:
             refuse(name, key, value, UNSUPPORTED[key])
     if "nbs" in overrides and overrides["nbs"] != overrides.get("batch", RECIPES[name].batch):
@@ -107,7 +113,11 @@ def multi_scale_settings(name: str, overrides: dict) -> dict:
         return {"multi_scale": 0.0, "base_size_repeat": None}
     repeat = repeat if repeat is not None else RECIPES[name].base_size_repeat
     if repeat is None:
-        refuse(name, "multi_scale", overrides["multi_scale"], "recipe n has no multi-scale; also set base_size_repeat")
+        refuse(
+            name, "multi_scale", overrides["multi_scale"],
+            "recipe n trains at one size; multi-scale also needs base_size_repeat (how often imgsz is among the sizes "
+            "drawn, e.g. base_size_repeat=20 as recipe s)",
+        )  # fmt: skip
     return {"multi_scale": overrides["multi_scale"], "base_size_repeat": repeat}
 
 

@@ -1,5 +1,7 @@
 """Ultralytics settings under a DEIM recipe do what they say or are refused, through `train()` and the CLI."""
 
+import re
+
 import pytest
 import torch
 from ultralytics.data.augment import RandomFlip
@@ -53,6 +55,20 @@ def test_key_without_counterpart_is_refused_by_train(key, tiny_data, tmp_path):
 def test_conflicting_settings_are_refused(settings, key, tiny_data, tmp_path):
     with pytest.raises(ValueError, match=f"cannot honour {key}="):
         DEIMTrainer(overrides=dict(model="deim-n.yaml", data=str(tiny_data), project=str(tmp_path), **settings))
+
+
+@pytest.mark.parametrize(
+    "settings, equivalent",
+    [
+        (dict(optimizer="SGD"), "tune it with lr0, backbone_lr, weight_decay and momentum"),
+        (dict(warmup_epochs=3.0), "set warmup_iters"),
+        (dict(close_mosaic=1), "set policy_epochs=[e0,e1,e2], or mosaic=0 mixup=0"),
+        (dict(multi_scale=0.5), "multi-scale also needs base_size_repeat"),
+    ],
+)
+def test_refusals_of_common_ultralytics_settings_name_the_deim_equivalent(settings, equivalent, tiny_data, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(equivalent)):
+        DEIM("deim-n.yaml").train(data=str(tiny_data), project=str(tmp_path), **settings, **TINY)
 
 
 @pytest.mark.parametrize(
