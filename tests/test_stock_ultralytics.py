@@ -74,3 +74,23 @@ def test_ultralytics_safe_load_accepts_deim_checkpoints(easy_trained, easy_data,
     assert result.returncode == 0, result.stderr[-3000:]
     ours = DEIM(easy_trained).predict(image, imgsz=EASY_IMGSZ, conf=0.001, verbose=False)[0].boxes.data
     assert len(ours) > 0 and torch.equal(torch.load(tmp_path / "boxes.pt"), ours)
+
+
+def test_solutions_run_a_deim_checkpoint(easy_trained, easy_data, tmp_path):
+    """Ultralytics Solutions load models through `YOLO()`: a DEIM checkpoint gets the RT-DETR pipeline and its boxes
+    are tracked and counted (shapely and lap, which Solutions install at run time otherwise, are dependencies)."""
+    import cv2
+    from ultralytics import solutions
+
+    tracker = tmp_path / "low_thresholds.yaml"  # the easy model scores low: let its boxes start tracks
+    tracker.write_text(
+        "tracker_type: bytetrack\ntrack_high_thresh: 0.01\ntrack_low_thresh: 0.001\nnew_track_thresh: 0.01\n"
+        "track_buffer: 30\nmatch_thresh: 0.8\nfuse_score: true\n"
+    )
+    frame = cv2.imread(str(sorted((easy_data.parent / "images" / "val").glob("*.png"))[0]))
+    counter = solutions.ObjectCounter(
+        model=str(easy_trained), region=[(0, 48), (96, 48)], imgsz=EASY_IMGSZ, conf=0.01, tracker=str(tracker),
+        show=False, verbose=False,
+    )  # fmt: skip
+    assert type(counter.model).__name__ == "RTDETR"
+    assert counter(frame).total_tracks > 0
