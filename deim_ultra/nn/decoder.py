@@ -48,11 +48,14 @@ def anchor_logits(
     """
     levels = []
     for i, (h, w) in enumerate(shapes):
-        y, x = torch.meshgrid(torch.arange(h).type_as(like), torch.arange(w).type_as(like), indexing="ij")
+        # meshgrid(..., indexing="ij") by broadcasting: NCNN's converter (pnnx) has no meshgrid
+        y = torch.arange(h).type_as(like)[:, None].expand(h, w)
+        x = torch.arange(w).type_as(like)[None, :].expand(h, w)
         centres = torch.stack([(x + 0.5) / w, (y + 0.5) / h], -1).reshape(1, h * w, 2)
         levels.append(torch.cat([centres, torch.full_like(centres, grid_size * 2.0**i)], -1))
     anchors = torch.cat(levels, 1)
-    valid = ((anchors > eps) & (anchors < 1 - eps)).all(-1, keepdim=True)
+    inside = ((anchors > eps) & (anchors < 1 - eps)).to(anchors.dtype)
+    valid = inside.amin(-1, keepdim=True) > 0  # .all(-1, keepdim=True), which NCNN's converter (pnnx) lacks
     return torch.log(anchors / (1 - anchors)).masked_fill(~valid, INVALID_ANCHOR_LOGIT), valid
 
 

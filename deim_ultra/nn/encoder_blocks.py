@@ -169,7 +169,8 @@ def sincos_pos_embed_2d(
         raise ValueError(f"embedding dim must be divisible by 4 for 2-D sin-cos embedding, got {dim}")
     grid_w = torch.arange(w, dtype=torch.float32, device=device)
     grid_h = torch.arange(h, dtype=torch.float32, device=device)
-    u, v = torch.meshgrid(grid_w, grid_h, indexing="ij")
+    # meshgrid(grid_w, grid_h, indexing="ij") by broadcasting: NCNN's converter (pnnx) has no meshgrid
+    u, v = grid_w[:, None].expand(w, h), grid_h[None, :].expand(w, h)
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
     u = u.flatten()[:, None] * omega[None]
