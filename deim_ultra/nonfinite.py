@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from ultralytics.utils import LOGGER
 
+from deim_ultra.distributed import any_process
+
 
 def restore_buffers(model: nn.Module, reference: nn.Module) -> None:
     """Copy into `model` each floating buffer that is not finite there, from the same-named buffer of `reference`."""
@@ -58,19 +60,25 @@ class NonFiniteSteps:
         Args:
             loss: () the step's total loss.
             grad_norm: () total gradient norm before clipping, or None where the AMP scaler judges gradients.
+            Under DDP the decision is every process's (`deim_ultra.distributed.any_process`).
             files: image files of the step's batch, named in the warning.
             where: position for the message, e.g. "epoch 3".
         """
         bad_loss = not bool(torch.isfinite(loss).all())
         bad_grad = grad_norm is not None and not bool(torch.isfinite(grad_norm))
-        if not (bad_loss or bad_grad):
+        if not any_process(bad_loss or bad_grad, loss.device):  # under DDP every process skips, or none does
             self.consecutive = 0
             return False
         self.consecutive += 1
         self.in_epoch += 1
         self.total += 1
         names = ", ".join(str(f) for f in files)
-        what = f"loss {loss.sum().item()}" if bad_loss else f"gradient norm {grad_norm.item()}"
+        if bad_loss:
+            what = f"loss {loss.sum().item()}"
+        elif bad_grad:
+            what = f"gradient norm {grad_norm.item()}"
+        else:
+            what = "loss or gradient in another process"
         self.last = (what.split()[0], where, names)
         LOGGER.warning(
             f"Non-finite {what} at {where}: optimizer step skipped, weights and EMA unchanged "

@@ -16,12 +16,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch import distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRDataset
 from ultralytics.nn.tasks import RTDETRDetectionModel
-from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, colorstr
+from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, WORLD_SIZE, colorstr
 from ultralytics.utils.patches import override_configs
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
@@ -34,6 +36,7 @@ from deim_ultra.data.coco_dataset import COCODEIMDataset, COCORTDETRDataset, is_
 from deim_ultra.data.coco_layout import coco_data
 from deim_ultra.data.dataset import DEIMDataset, rtdetr_style_dataset
 from deim_ultra.data.mixup import batch_mixup
+from deim_ultra.distributed import in_process_group
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.frozen_norm import freeze_batchnorm
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
@@ -141,6 +144,8 @@ class DEIMTrainer(RTDETRTrainer):
         """
         cfg = {**DEIM_CFG_DICT, **cfg2dict(cfg)}
         super().__init__(cfg=cfg, overrides=recipe_overrides(overrides or {}), _callbacks=_callbacks)
+        if self.device.type == "cpu" and LOCAL_RANK != -1:  # one of WORLD_SIZE processes torchrun started on CPU
+            self.world_size = WORLD_SIZE
         self.stage = None
         self.batch_in_epoch = 0
         self.policy = None
@@ -165,6 +170,18 @@ class DEIMTrainer(RTDETRTrainer):
         for event, callback in callbacks:
             if callback not in self.callbacks[event]:
                 self.add_callback(event, callback)
+
+    def _setup_ddp(self) -> None:
+        """Ultralytics' DDP set-up on accelerators; on CPU a gloo process group (see `deim_ultra.distributed`).
+
+        On CPU the trainer counts one process until `_build_train_pipeline`: Ultralytics' `_setup_train` would wrap
+        the model for a device index, which DistributedDataParallel refuses for a CPU model.
+        """
+        if self.device.type != "cpu":
+            return super()._setup_ddp()
+        dist.init_process_group(backend="gloo", rank=RANK, world_size=self.world_size)
+        self.world_size = 1
+        return None
 
     def check_resume(self, overrides: dict) -> None:
         """Ultralytics' resume, then every DEIM setting the checkpoint predates at its default, so a run saved by an
@@ -297,6 +314,7 @@ class DEIMTrainer(RTDETRTrainer):
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
         """AdamW with DEIM's parameter groups and `momentum` as beta1 under a recipe; Ultralytics' choice otherwise."""
+        model = unwrap_model(model)  # the groups are found by the model's own names, not the DDP wrapper's
         freeze_constants(model)
         if not self.recipe_active:
             return super().build_optimizer(model, name, lr, momentum, decay, iterations)
@@ -315,7 +333,11 @@ class DEIMTrainer(RTDETRTrainer):
 
     def _build_train_pipeline(self):
         """Ultralytics' loaders and optimizer; under a recipe nbs is the batch size in use (after AutoBatch or an OOM
-        halving), so Ultralytics neither accumulates gradients nor rescales the weight decay."""
+        halving), so Ultralytics neither accumulates gradients nor rescales the weight decay. On CPU under torchrun
+        the model is wrapped for DDP here, without device ids (see `_setup_ddp`)."""
+        if self.device.type == "cpu" and in_process_group() and not isinstance(self.model, DDP):
+            self.world_size = dist.get_world_size()
+            self.model = DDP(self.model, find_unused_parameters=True)
         if self.recipe_active:
             self.args.nbs = self.batch_size
         super()._build_train_pipeline()
@@ -387,6 +409,13 @@ class DEIMTrainer(RTDETRTrainer):
                 if self.best.exists():
                     strip_atomically(self.best, updates={"train_results": ckpt.get("train_results")})
         if not self.best.exists():
+            return
+        if self.device.type == "cpu" and RANK != -1:  # Ultralytics' validator takes an accelerator in DDP processes
+            if RANK == 0:
+                LOGGER.warning(
+                    f"Final validation of {self.best} skipped in CPU DDP processes (each epoch was validated). "
+                    f"Fix: deim val model={self.best} data={self.args.data}"
+                )
             return
         LOGGER.info(f"\nValidating {self.best}...")
         self.validator.args.plots = self.args.plots

@@ -94,9 +94,10 @@ def parse_deim_model(cfg: dict, ch: int, verbose: bool = True) -> tuple[nn.Seque
 class DEIMLoss:
     """The DEIM criterion for an RT-DETR-style detection model (mixin for RTDETRDetectionModel subclasses)."""
 
-    def criterion_outputs(self, preds):
-        """The head's outputs as the criterion's dict; DEIM's decoder already returns it."""
-        return preds
+    def criterion_outputs(self, preds: dict | tuple) -> dict:
+        """The head's outputs as the criterion's dict: DEIM's decoder returns it in training, and as the last item of
+        its RT-DETR-layout tuple (boxes, logits, dict) in eval."""
+        return preds if isinstance(preds, dict) else preds[-1]
 
     def init_criterion(self) -> DEIMCriterion:
         """The DEIM criterion, configured from the training arguments (`cls_loss`, `mal_gamma`, `loss_*`, `o2m`)."""
@@ -143,7 +144,7 @@ class DEIMLoss:
         if preds is None:
             dn_batch = {"cls": cls, "bboxes": bboxes, "batch_idx": batch_idx, "gt_groups": gt_groups}
             preds = self.predict(img, batch=dn_batch)
-        outputs = self.criterion_outputs(preds if self.training else preds[1][-1])
+        outputs = self.criterion_outputs(preds if self.training else preds[1])
         targets = [{"labels": c, "boxes": b} for c, b in zip(cls.split(gt_groups), bboxes.split(gt_groups))]
         terms = self.criterion(outputs, targets)
         zero = img.new_zeros(())

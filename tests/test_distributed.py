@@ -1,0 +1,96 @@
+"""DDP through the real trainer: two CPU processes (gloo) started by torchrun agree on every decision.
+
+Each process records, per iteration, its stage and learning rate, and after every epoch a checksum of its weights;
+rank 1's loss is made non-finite at one step (its gradient stays finite, so only a shared decision keeps the two
+processes' weights equal). The weights must stay equal on both ranks through the step skip and the no-aug tail's
+restart from the best pre-tail state, which each process loads from the file rank 0 wrote.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+import json, sys, torch
+from ultralytics.utils import RANK
+from ultralytics.utils.torch_utils import unwrap_model
+from deim_ultra import DEIM
+from deim_ultra.train import DEIMTrainer
+
+data, project, out = sys.argv[1:4]
+records = {"steps": [], "weights": [], "skipped": 0}
+
+
+class PoisonedTrainer(DEIMTrainer):
+    def optimizer_step(self):
+        if RANK == 1 and self.epoch == 1 and self.batch_in_epoch == 1:
+            self.loss = self.loss * float("nan")  # rank 1 alone: its gradients were already reduced, finite
+        super().optimizer_step()
+
+
+def on_train_batch_end(trainer):
+    records["steps"].append([trainer.epoch, trainer.stage, trainer.optimizer.param_groups[0]["lr"]])
+
+
+def on_train_epoch_end(trainer):
+    params = unwrap_model(trainer.model).parameters()
+    records["weights"].append(float(sum(p.detach().double().abs().sum() for p in params)))
+    records["skipped"] = trainer.nonfinite.total
+
+
+model = DEIM("deim-n.yaml")
+model.add_callback("on_train_batch_end", on_train_batch_end)
+model.add_callback("on_train_epoch_end", on_train_epoch_end)
+model.train(trainer=PoisonedTrainer, data=data, epochs=4, policy_epochs=[1, 2, 3], imgsz=64, batch=4, device="cpu",
+            workers=0, project=project, name="ddp", exist_ok=True, pretrained=False, plots=False, seed=0)
+with open(f"{out}/rank{RANK}.json", "w") as f:
+    json.dump(records, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_data, tmp_path_factory) -> tuple[Path, list[dict], str]:
+    """A 4-epoch run of two CPU processes; returns the run folder, each rank's records and the console output."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    script = tmp / "train_ddp.py"
+    script.write_text(SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", str(script), str(tiny_data), str(tmp), str(tmp)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    records = [json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return tmp / "ddp", records, result.stdout + result.stderr
+
+
+def test_both_processes_share_every_stage_and_learning_rate(ddp_run):
+    _, (rank0, rank1), _ = ddp_run
+    assert rank0["steps"] == rank1["steps"]
+    assert {stage for _, stage, _ in rank0["steps"]} == {"warmup", "dense_o2o", "aug", "no_aug"}
+
+
+def test_a_non_finite_loss_in_one_process_skips_the_step_in_both(ddp_run):
+    _, (rank0, rank1), output = ddp_run
+    assert rank0["skipped"] == rank1["skipped"] == 1
+    assert "Non-finite loss or gradient in another process" in output  # rank 0's line
+    assert rank0["weights"] == rank1["weights"]  # a step taken by one process only would part them
+
+
+def test_the_tail_restart_loads_the_same_state_in_both(ddp_run):
+    run, (rank0, rank1), output = ddp_run
+    assert "epoch 4 restarts from the state after epoch" in output
+    assert len(rank0["weights"]) == 4 and rank0["weights"] == rank1["weights"]
+
+
+def test_results_and_checkpoints_are_written_once(ddp_run):
+    run, _, output = ddp_run
+    header, *rows = (run / "results.csv").read_text().strip().splitlines()
+    assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]
+    assert (run / "weights" / "last.pt").is_file() and (run / "weights" / "best_stage1.pt").is_file()
+    assert "Final validation of" in output and "skipped in CPU DDP processes" in output
