@@ -144,8 +144,8 @@ class DEIMTrainer(RTDETRTrainer):
         """
         cfg = {**DEIM_CFG_DICT, **cfg2dict(cfg)}
         super().__init__(cfg=cfg, overrides=recipe_overrides(overrides or {}), _callbacks=_callbacks)
-        if self.device.type == "cpu" and LOCAL_RANK != -1:  # one of WORLD_SIZE processes torchrun started on CPU
-            self.world_size = WORLD_SIZE
+        if LOCAL_RANK != -1:  # one of WORLD_SIZE processes started by torchrun: on CPU Ultralytics counts none, and
+            self.world_size = WORLD_SIZE  # across nodes its device count is this node's share only
         self.stage = None
         self.batch_in_epoch = 0
         self.policy = None
