@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import ultralytics
 from ultralytics.cfg import TASKS, check_dict_alignment, entrypoint, merge_equals_args, parse_key_value_pair
 from ultralytics.utils import ASSETS, DEFAULT_CFG_DICT, LOGGER
 
@@ -116,6 +117,8 @@ def run(mode: str, overrides: dict) -> None:
     from deim_ultra.model import DEIM
 
     model = DEIM(overrides.pop("model", "deim-n.yaml"))
+    if mode in {"predict", "track"}:  # as `yolo` does: Ultralytics saves results by default only for its own command
+        overrides.setdefault("save", True)
     if mode in {"predict", "track"} and "source" not in overrides:
         overrides["source"] = ASSETS
         LOGGER.warning(f"'source' is missing; predicting on the sample images in {ASSETS}")
@@ -127,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"help", "-h", "--help"}:
         print(HELP + (CFG_DIR / "default.yaml").read_text())
+        return 0
+    if argv[0].lstrip("-") == "version":
+        from deim_ultra import __version__
+
+        print(f"deim-ultra {__version__}, ultralytics {ultralytics.__version__}")
         return 0
     if argv[0].lstrip("-") in ULTRALYTICS_COMMANDS:
         entrypoint(" ".join(["yolo", argv[0].lstrip("-"), *argv[1:]]))

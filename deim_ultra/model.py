@@ -24,14 +24,12 @@ from deim_ultra.train import DEIMTrainer, check_resumable
 from deim_ultra.val import DEIMValidator, model_category_ids
 
 
-def mark_rtdetr_head(exporter) -> None:
-    """Export callback: record the head as RT-DETR's, whose output format DEIM's decoder keeps, and the COCO
-    category ids of a model trained on COCO json data.
+def record_category_ids(exporter) -> None:
+    """Export callback: the COCO category ids of a model trained on COCO json data go into the export's metadata.
 
-    Stock Ultralytics picks its RT-DETR pipeline (opset, predictor, post-processing) by this metadata field, so
-    `RTDETR("best.onnx")` and `yolo predict model=best.onnx` decode DEIM exports correctly.
+    (The metadata's `head` reads "RTDETRDecoder" by itself, see `deim_ultra.nn.decoder`, so stock Ultralytics
+    decodes DEIM exports as RT-DETR ones, whichever exporter wrote them.)
     """
-    exporter.metadata["head"] = "RTDETRDecoder"
     category_ids = model_category_ids(exporter.model)
     if category_ids:
         exporter.metadata["category_ids"] = category_ids
@@ -74,7 +72,7 @@ class DEIM(Model):
             verbose (bool): Log the model summary.
         """
         super().__init__(model=model, task="detect", verbose=verbose)
-        self.add_callback("on_export_start", mark_rtdetr_head)
+        self.add_callback("on_export_start", record_category_ids)
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:

@@ -179,6 +179,12 @@ class DEIMTrainer(RTDETRTrainer):
         """
         if self.device.type != "cpu":
             return super()._setup_ddp()
+        if self.batch_size % self.world_size:  # Ultralytics refuses this for GPUs in select_device
+            fits = self.world_size * max(1, self.batch_size // self.world_size)
+            raise ValueError(
+                f"batch={self.batch_size} does not split over {self.world_size} processes; each would train on "
+                f"{self.batch_size // self.world_size} image(s). Fix: batch={fits}"
+            )
         dist.init_process_group(backend="gloo", rank=RANK, world_size=self.world_size)
         self.world_size = 1
         return None

@@ -94,3 +94,17 @@ def test_results_and_checkpoints_are_written_once(ddp_run):
     assert [int(row.split(",")[0]) for row in rows] == [1, 2, 3, 4]
     assert (run / "weights" / "last.pt").is_file() and (run / "weights" / "best_stage1.pt").is_file()
     assert "Final validation of" in output and "skipped in CPU DDP processes" in output
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_data, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cli = ["-m", "deim_ultra.cli", "train", "model=deim-n.yaml", f"data={tiny_data}", "epochs=1", "imgsz=64"]
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", *cli, "batch=3", "device=cpu", "workers=0", f"project={tmp_path}"],
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "batch=3 does not split over 2 processes; each would train on 1 image(s). Fix: batch=2" in (
+        result.stdout + result.stderr
+    )

@@ -94,3 +94,16 @@ def test_solutions_run_a_deim_checkpoint(easy_trained, easy_data, tmp_path):
     )  # fmt: skip
     assert type(counter.model).__name__ == "RTDETR"
     assert counter(frame).total_tracks > 0
+
+
+def test_stock_export_decodes_as_rtdetr(easy_trained, easy_data, tmp_path):
+    """An ONNX written by Ultralytics' own exporter (`YOLO(<DEIM .pt>).export()`) names the RT-DETR head in its
+    metadata, so stock Ultralytics validates it to the checkpoint's mAP."""
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(easy_trained.read_bytes())
+    exported = YOLO(weights).export(format="onnx", imgsz=EASY_IMGSZ)
+    settings = dict(data=str(easy_data), imgsz=EASY_IMGSZ, batch=1, plots=False, project=str(tmp_path))
+    ours = DEIM(easy_trained).val(name="pt", **settings).box
+    theirs = YOLO(exported).val(name="onnx", **settings).box
+    assert type(YOLO(exported)).__name__ == "RTDETR"
+    assert ours.map50 > 0 and abs(theirs.map - ours.map) <= 0.001 and abs(theirs.map50 - ours.map50) <= 0.001

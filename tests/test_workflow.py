@@ -264,13 +264,19 @@ def test_cli_reads_arguments_as_yolo_does(trained, tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (tmp_path / "p" / "labels" / f"{val_image(tiny_data).stem}.txt").read_text().splitlines()
     assert rows and all(len(row.split()) == 6 for row in rows)  # class, box and the confidence save_conf adds
+    assert (tmp_path / "p" / f"{val_image(tiny_data).stem}.jpg").is_file()  # the annotated image, saved by default
 
 
 def test_cli_runs_ultralytics_special_commands(tmp_path):
     import ultralytics
 
+    import deim_ultra
+
     result = deim_cli("version", cwd=tmp_path)
-    assert result.returncode == 0 and ultralytics.__version__ in result.stdout + result.stderr
+    expected = f"deim-ultra {deim_ultra.__version__}, ultralytics {ultralytics.__version__}"
+    assert result.returncode == 0 and expected in result.stdout
+    result = deim_cli("settings", cwd=tmp_path)  # Ultralytics' own command, run by its entrypoint
+    assert result.returncode == 0 and "settings_version" in result.stdout + result.stderr
 
 
 def test_cli_tracks_a_video_offline(trained, tiny_data, tmp_path):

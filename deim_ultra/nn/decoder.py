@@ -115,12 +115,6 @@ class DFINEDecoder(RTDETRDecoder):
     anchors = _BufferAttribute()
     valid_mask = _BufferAttribute()
 
-    def _get_name(self) -> str:
-        """Torch's module name, read by stock Ultralytics too: `YOLO("<DEIM .pt>")` (and so `yolo val`, `yolo
-        predict`, Solutions) switches to its RT-DETR predictor and validator only for a last layer whose name contains
-        "RTDETR", and this head keeps RT-DETR's output format."""
-        return f"{type(self).__name__}(RTDETRDecoder)"
-
     def __init__(
         self,
         c1: list[int],
@@ -405,6 +399,13 @@ class DFINEDecoder(RTDETRDecoder):
         return self
 
     fuse = convert_to_deploy  # the name Ultralytics-style model code calls
+
+
+# Stock Ultralytics recognises RT-DETR heads by class name: the exporter writes `type(head).__name__` into every
+# export's metadata, its loaders and backends compare it with "RTDETRDecoder", and `YOLO("<.pt>")` switches to its
+# RT-DETR predictor and validator when the last layer's name contains "RTDETR". DEIM's head keeps RT-DETR's output
+# format, so it answers to that name there (and in torch's module repr); pickles keep `__qualname__`, DFINEDecoder.
+DFINEDecoder.__name__ = "RTDETRDecoder"
 
 
 def _keep_only(modules: nn.ModuleList, index: int) -> nn.ModuleList:

@@ -44,7 +44,9 @@ class Pick(nn.Module):
         return x[self.index]
 
 
-MODULES: dict[str, type[nn.Module]] = {m.__name__: m for m in (HGStem, HGStage, HybridEncoder, Pick, DFINEDecoder)}
+MODULES: dict[str, type[nn.Module]] = {
+    m.__qualname__: m for m in (HGStem, HGStage, HybridEncoder, Pick, DFINEDecoder)
+}  # by qualified name: DFINEDecoder's __name__ is "RTDETRDecoder" (see deim_ultra.nn.decoder)
 DEIM_DEFAULT_REG_MAX = 32  # criterion setting for heads without a distribution (Ultralytics' RT-DETR decoder)
 
 
