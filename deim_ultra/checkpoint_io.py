@@ -7,11 +7,13 @@ complete checkpoint or the new complete one. results.csv is cut back to the chec
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import strip_optimizer
 
 
@@ -67,7 +69,17 @@ def drop_results_after(csv: Path, epoch: int) -> int:
 
 
 def strip_atomically(path: Path, updates: dict | None = None) -> dict:
-    """Ultralytics' `strip_optimizer` of `path` (the end-of-training checkpoint), written atomically."""
+    """Ultralytics' `strip_optimizer` of `path` (the end-of-training checkpoint), written atomically.
+
+    Ultralytics' own log line would name the temporary file it writes, which is gone once renamed; this one names
+    `path`.
+    """
     result = {}
-    replace_atomically(path, lambda tmp: result.update(strip_optimizer(path, s=str(tmp), updates=updates)))
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        replace_atomically(path, lambda tmp: result.update(strip_optimizer(path, s=str(tmp), updates=updates)))
+    finally:
+        LOGGER.setLevel(level)
+    LOGGER.info(f"Optimizer stripped from {path}, {path.stat().st_size / 1e6:.1f}MB")
     return result

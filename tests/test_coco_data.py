@@ -70,6 +70,8 @@ def test_cli_trains_on_a_coco_folder_with_the_json_classes(trained):
     assert model.category_ids == dict(enumerate(CATEGORY_IDS))
     log = (trained / "train.log").read_text()
     assert "instances_train.cache" in log  # the label cache sits beside the json
+    stripped = [line for line in log.splitlines() if "Optimizer stripped from" in line]
+    assert stripped and not any(".tmp" in line for line in stripped)  # the checkpoints, not their temporary files
     # The final evaluation of a COCO json run is COCO's too, with the dataset's own ids in predictions.json.
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in log
     predictions = json.loads((trained / "predictions.json").read_text())
