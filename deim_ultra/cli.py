@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0].lstrip("-") in ULTRALYTICS_COMMANDS:
         entrypoint(" ".join(["yolo", argv[0].lstrip("-"), *argv[1:]]))
+        if argv[0].lstrip("-") == "cfg":  # Ultralytics prints its own settings; the DEIM ones follow
+            print(f"\n# DEIM settings ({CFG_DIR / 'default.yaml'})\n{(CFG_DIR / 'default.yaml').read_text()}")
         return 0
     try:
         mode, overrides = parse(argv)

@@ -277,6 +277,9 @@ def test_cli_runs_ultralytics_special_commands(tmp_path):
     assert result.returncode == 0 and expected in result.stdout
     result = deim_cli("settings", cwd=tmp_path)  # Ultralytics' own command, run by its entrypoint
     assert result.returncode == 0 and "settings_version" in result.stdout + result.stderr
+    result = deim_cli("cfg", cwd=tmp_path)  # Ultralytics' settings, then DEIM's
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "lr0:" in out and "recipe:" in out and "policy_epochs:" in out
 
 
 def test_cli_tracks_a_video_offline(trained, tiny_data, tmp_path):
