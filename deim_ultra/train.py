@@ -187,6 +187,9 @@ class DEIMTrainer(RTDETRTrainer):
             )
         dist.init_process_group(backend="gloo", rank=RANK, world_size=self.world_size)
         self.world_size = 1
+        # No AMP on CPU: Ultralytics' check_amp says so on rank 0 only and broadcasts it for accelerators, so without
+        # this the other processes would train under CPU autocast.
+        self.args.amp = False
         return None
 
     def check_resume(self, overrides: dict) -> None:
