@@ -237,6 +237,7 @@ def bad_run(tmp_path_factory) -> tuple[str, object]:
             {**content["images"][3], "file_name": "elsewhere.png"},  # repeats image id 4
             dict(id=500, file_name="missing.png", width=64, height=64),  # file missing
             dict(id=501, file_name=content["images"][5]["file_name"]),  # repeats a file name
+            dict(id=[9], file_name="listed_id.png"),  # an id that is no integer or string
         ]
         content["images"][6].update(width=128, height=96)  # not the file's 64x64
 
@@ -265,6 +266,7 @@ def bad_run(tmp_path_factory) -> tuple[str, object]:
         "2 annotations whose bbox is missing, not 4 numbers, or of negative size, skipped: id 1002 (image 1), id 1003",
         "1 images repeating an earlier image id, skipped (their annotations go to the first): id 4 'elsewhere.png'",
         "1 images repeating an earlier file_name, skipped: id 501 '000005.png'",
+        "1 images whose id is neither an integer nor a string, skipped: images[11] (id [9]) 'listed_id.png'",
         "missing.png: ignoring corrupt image/label: image id 500 of",
         "000001.png: ignoring corrupt image/label: image id 2 of",
         "1 16-bit image(s) scaled to 8 bits per channel",

@@ -38,6 +38,7 @@ SKIPPED = {  # kind: what the log line says about the entries of that kind
     "category), not made a class",
     "duplicate_name": "categories repeating an earlier name (renamed <name>_<id>)",
     "no_file_name": "images without file_name, skipped",
+    "bad_image_id": "images whose id is neither an integer nor a string, skipped",
     "duplicate_image": "images repeating an earlier image id, skipped (their annotations go to the first)",
     "duplicate_file": "images repeating an earlier file_name, skipped",
     "unknown_image": "annotations of an image id not in images, skipped",
@@ -178,7 +179,10 @@ def read_images(content: dict, json_file: Path, problems: dict) -> dict[int | st
         if not isinstance(file_name, str) or not file_name:
             problems["no_file_name"].append(f"images[{i}] (id {iid!r})")
             continue
-        if iid in images or not isinstance(iid, (int, str)) or isinstance(iid, bool):
+        if not isinstance(iid, (int, str)) or isinstance(iid, bool):
+            problems["bad_image_id"].append(f"images[{i}] (id {iid!r}) '{file_name}'")
+            continue
+        if iid in images:
             problems["duplicate_image"].append(f"id {iid!r} '{file_name}'")
             continue
         if file_name in files:
