@@ -110,3 +110,101 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_data, tm
     assert "batch=3 does not split over 2 processes; each would train on 1 image(s). Fix: batch=2" in (
         result.stdout + result.stderr
     )
+
+
+EQUIVALENCE_SCRIPT = """
+import sys, torch
+from torch import nn
+from ultralytics.utils import RANK
+from ultralytics.utils.torch_utils import unwrap_model
+from deim_ultra import DEIM
+from deim_ultra.train import DEIMTrainer
+
+weights, data, project, out, batch = sys.argv[1:6]
+steps = []
+
+
+class RecordingTrainer(DEIMTrainer):
+    def optimizer_step(self):
+        params = list(unwrap_model(self.model).parameters())
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        super().optimizer_step()
+        steps.append({"lr": self.optimizer.param_groups[0]["lr"], "grad": grads.clone(),
+                      "weights": torch.cat([p.detach().flatten() for p in params])})
+
+
+def batch_norm_on_running_statistics(trainer):
+    for m in trainer.model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
+model = DEIM(weights)
+model.add_callback("on_train_batch_start", batch_norm_on_running_statistics)
+model.train(trainer=RecordingTrainer, data=data, epochs=3, policy_epochs=[0, 0, 0], warmup_iters=2, fliplr=0.0,
+            loss_ddf=0.0, imgsz=96, batch=int(batch), device="cpu", workers=0, project=project, name="run",
+            exist_ok=True, val=False, plots=False, seed=0)
+torch.save(steps, f"{out}/steps_rank{max(RANK, 0)}.pt")
+"""
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(easy_trained, tmp_path_factory) -> tuple[list[dict], list[dict], list[dict]]:
+    """The optimizer steps of one process with batch 4 and of each of two processes with batch 2 (the same 4 images).
+
+    Four training images make one step per epoch over all of them, whatever the sampler's order, so both set-ups see
+    the same images at every step. Both start from a trained model: from random weights all queries predict nearly
+    the same, and the Hungarian matching of near-ties flips with the last bits of a batch-size dependent convolution.
+    Everything random or per-process is off:
+    - augmentation (the no-aug stage from the first epoch, no flips) and denoising queries (they draw noise);
+    - DDF (the authors balance it by each process's own positives, as ours does);
+    - BatchNorm's batch statistics (those of 2 images are not those of 4, and torch's SyncBatchNorm does not run on
+      CPU): it normalises with its running statistics.
+    """
+    from deim_ultra import DEIM
+    from deim_ultra.data.synthetic import make_synthetic_dataset
+
+    from helpers import EASY_IMGSZ
+
+    tmp = tmp_path_factory.mktemp("ddp_equivalence")
+    data = make_synthetic_dataset(
+        tmp / "data", n_train=4, n_val=2, imgsz=EASY_IMGSZ, nc=1, max_objects=2, min_size=30, max_size=60, seed=1
+    )
+    model = DEIM(easy_trained)
+    decoder_args = model.model.yaml["head"][-1][3]
+    assert decoder_args[6] == 100  # denoising queries, rebuilt from this YAML by the trainer
+    decoder_args[6] = 0
+    model.save(tmp / "init.pt")
+    script = tmp / "train_equivalence.py"
+    script.write_text(EQUIVALENCE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    runs = {
+        "single": [sys.executable, str(script)],
+        "ddp": [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", str(script)],
+    }
+    for name, command in runs.items():
+        out = tmp / name
+        out.mkdir()
+        batch = "4"  # the whole batch: 2 images in each of 2 processes under torchrun
+        result = subprocess.run(
+            [*command, str(tmp / "init.pt"), str(data), str(out / "project"), str(out), batch],
+            env=env, capture_output=True, text=True, timeout=600, cwd=tmp,
+        )  # fmt: skip
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    import torch
+
+    load = lambda path: torch.load(path, weights_only=False)  # noqa: E731
+    return load(tmp / "single/steps_rank0.pt"), load(tmp / "ddp/steps_rank0.pt"), load(tmp / "ddp/steps_rank1.pt")
+
+
+def test_two_processes_of_batch_2_take_the_steps_of_one_of_batch_4(equivalence_runs):
+    import torch
+
+    single, rank0, rank1 = equivalence_runs
+    assert len(single) == len(rank0) == len(rank1) == 3
+    for one, two, other in zip(single, rank0, rank1):
+        assert torch.equal(two["grad"], other["grad"]) and torch.equal(two["weights"], other["weights"])
+        assert one["lr"] == two["lr"]
+        scale = one["grad"].abs().max()
+        torch.testing.assert_close(two["grad"], one["grad"], rtol=0, atol=1e-4 * scale)
+        torch.testing.assert_close(two["weights"], one["weights"], rtol=1e-5, atol=1e-6)

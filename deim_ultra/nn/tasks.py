@@ -12,6 +12,7 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
+from torch import distributed as dist
 from torch import nn
 from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER
@@ -24,6 +25,7 @@ from deim_ultra.class_transfer import (
     is_placeholder,
     source_rows,
 )
+from deim_ultra.distributed import in_process_group
 from deim_ultra.loss.criterion import DEIMCriterion
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.encoder import HybridEncoder
@@ -156,7 +158,13 @@ class DEIMLoss:
             groups[kind] = groups[kind] + value.detach()
         # Not a loss: matched positives per image, the quantity Dense O2O raises, logged beside the loss columns.
         groups["pos_per_img"] = img.new_tensor(self.criterion.last_pos_per_img)
-        return sum(terms.values(), zero), groups
+        total = sum(terms.values(), zero)
+        if self.training and in_process_group():
+            # The criterion divides by the box count averaged over the processes, as the authors' does, so DDP's
+            # gradient average is already the whole batch's gradient; Ultralytics' trainer multiplies the loss by the
+            # number of processes (`self.loss *= self.world_size`, made for its per-process-mean YOLO losses).
+            total = total / dist.get_world_size()
+        return total, groups
 
 
 class RTDETRDEIMModel(DEIMLoss, RTDETRDetectionModel):
