@@ -82,27 +82,31 @@ def parse(argv: list[str]) -> tuple[str, dict]:
     """Split `[TASK] MODE key=value ...` into the mode and a dict of typed values, validated like `yolo` does.
 
     A bare flag whose default is a boolean (`save`, `agnostic_nms`) or one of BARE_TRUE means `flag=True`, as for
-    `yolo`; the task word may only be `detect`.
+    `yolo`; the mode and the task word (only `detect`) may stand anywhere, as for `yolo`.
 
     Raises:
         SyntaxError: For an unknown key (with Ultralytics' "similar arguments" hint), a DEIM setting of another mode,
             another task, or a bare word that is no flag.
     """
     words = [clean(a) for a in merge_equals_args(argv)]
-    if words and words[0] in TASKS:
-        if words[0] != "detect":
-            raise SyntaxError(f"task '{words[0]}': DEIM models detect; drop the task word or write 'detect'")
-        words = words[1:]
-    mode, *pairs = words or [""]
+    bare = [w for w in words if "=" not in w]
+    for task in (w for w in bare if w in TASKS):
+        if task != "detect":
+            raise SyntaxError(f"task '{task}': DEIM models detect; drop the task word or write 'detect'")
+    # As for `yolo`, the mode and the task word may stand anywhere; a first bare word that is neither is reported as
+    # an unknown mode.
+    mode = next((w for w in bare if w in (*MODES, "convert")), next((w for w in bare if w not in TASKS), ""))
     overrides = {}
-    for pair in pairs:
-        if "=" in pair:
-            key, value = parse_key_value_pair(pair)
+    for word in words:
+        if "=" in word:
+            key, value = parse_key_value_pair(word)
             overrides[key] = value
-        elif pair in BARE_TRUE or isinstance({**DEFAULT_CFG_DICT, **DEIM_CFG_DICT}.get(pair), bool):
-            overrides[pair] = True
+        elif word == mode or word in TASKS:
+            continue
+        elif word in BARE_TRUE or isinstance({**DEFAULT_CFG_DICT, **DEIM_CFG_DICT}.get(word), bool):
+            overrides[word] = True
         else:
-            raise SyntaxError(f"'{pair}' is missing '=': arguments are key=value pairs, e.g. epochs=10")
+            raise SyntaxError(f"'{word}' is missing '=': arguments are key=value pairs, e.g. epochs=10")
     check_keys(mode, overrides)
     return mode, overrides
 

@@ -14,7 +14,7 @@ from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOGGER, YAML
 from ultralytics.utils.checks import check_yaml
 
-from deim_ultra.backbone_weights import is_backbone_file
+from deim_ultra.backbone_weights import is_backbone_file, weights_dir
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
 from deim_ultra.checkpoint_safety import check_checkpoint
 from deim_ultra.model_zoo import ZOO, pretrained_path
@@ -35,9 +35,17 @@ def record_category_ids(exporter) -> None:
         exporter.metadata["category_ids"] = category_ids
 
 
+def in_weights_dir(name: str) -> Path | None:
+    """A bare file name found in Ultralytics' weights directory, where `YOLO("name.pt")` also looks."""
+    path = weights_dir() / name
+    return path if Path(name).name == name and path.is_file() else None
+
+
 def missing_checkpoint(path: str) -> NoReturn:
     """Raise for a `.pt` that is neither a file nor a pretrained name (Ultralytics would look it up on GitHub)."""
-    raise FileNotFoundError(f"'{path}' not found, neither as a file nor among the pretrained names: {', '.join(ZOO)}")
+    raise FileNotFoundError(
+        f"'{path}' not found, neither as a file, in {weights_dir()}, nor among the pretrained names: {', '.join(ZOO)}"
+    )
 
 
 def check_pretrained_fits(name: str, model: object) -> None:
@@ -114,7 +122,7 @@ class DEIM(Model):
         if Path(weights).suffix == ".pth":
             return self._load_official(weights)
         if weights.endswith(".pt") and not Path(weights).is_file():
-            weights = str(pretrained_path(weights) or missing_checkpoint(weights))
+            weights = str(pretrained_path(weights) or in_weights_dir(weights) or missing_checkpoint(weights))
         if weights.endswith(".pt") and Path(weights).is_file():
             check_checkpoint(weights)
         try:

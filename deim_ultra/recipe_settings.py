@@ -12,7 +12,9 @@ Mapped (the Ultralytics key keeps its meaning, DEIM's pipeline honours it):
     freeze        Ultralytics' layer freezing; recipes l and x default to [0], the stem (the authors' freeze_at: 0)
     batch         -1 or a fraction runs Ultralytics' AutoBatch; weight decay is never rescaled (nbs follows batch)
     time          Ultralytics re-estimates epochs from the epoch time; the policy epochs are rescaled with it
-Fixed by the recipe (another value is refused): optimizer, warmup_epochs, close_mosaic, nbs (no accumulation).
+    close_mosaic  Dense O2O (mosaic and mixup) ends at least this many epochs before the end (recipe: 0, the
+                  recipe's own policy epochs), see `deim_ultra.schedule.close_mosaic_policy`
+Fixed by the recipe (another value is refused): optimizer, warmup_epochs, nbs (no accumulation).
 Refused unless left at Ultralytics' default: the YOLO augmentation and lr-schedule keys in UNSUPPORTED, and under
 every recipe, `recipe=none` included, the YOLO loss gains, `rect` and the export setting `sampler` in NO_EFFECT.
 """
@@ -28,12 +30,10 @@ from deim_ultra.data.mixup import MIXUP_P
 from deim_ultra.schedule import RECIPES
 
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
-FIXED = {"optimizer": "AdamW", "warmup_epochs": 0, "close_mosaic": 0}
+FIXED = {"optimizer": "AdamW", "warmup_epochs": 0}
 FIXED_EQUIVALENT = {  # how to get, under the recipe, what each fixed setting asks for
     "optimizer": "it trains with AdamW; tune it with lr0, backbone_lr, weight_decay and momentum (beta1)",
     "warmup_epochs": "its lr warmup is counted in iterations: set warmup_iters",
-    "close_mosaic": "mosaic and mixup end at policy_epochs[1] and all augmentation at policy_epochs[2] (the no-aug "
-    "tail): set policy_epochs=[e0,e1,e2], or mosaic=0 mixup=0",
 }
 # Every DEIM and Ultralytics RT-DETR YAML starts with the backbone's stem; Ultralytics' `freeze` takes layer indices.
 STEM_LAYER = 0
@@ -97,6 +97,11 @@ def check_refused(name: str, overrides: dict) -> None:
             refuse(name, key, value, UNSUPPORTED[key])
     if "nbs" in overrides and overrides["nbs"] != overrides.get("batch", RECIPES[name].batch):
         refuse(name, "nbs", overrides["nbs"], "gradient accumulation is not supported; nbs follows batch")
+    if overrides.get("close_mosaic") and overrides.get("policy_epochs"):
+        refuse(
+            name, "close_mosaic", overrides["close_mosaic"],
+            "policy_epochs places the end of mosaic itself (its e1); give one of the two",
+        )  # fmt: skip
     if overrides.get("time") and overrides.get("policy_epochs"):
         refuse(name, "time", overrides["time"], "time re-estimates epochs, which fixed policy_epochs cannot follow")
 
@@ -144,6 +149,7 @@ def recipe_overrides(overrides: dict) -> dict:
     defaults = {
         "recipe": name,
         **FIXED,
+        "close_mosaic": 0,
         "epochs": r.epochs,
         "batch": r.batch,
         "lr0": r.lr,

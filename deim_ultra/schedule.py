@@ -105,6 +105,16 @@ def stage_at(epoch: int, policy: Policy) -> str:
     return STAGES[sum(epoch >= e for e in policy)]
 
 
+def close_mosaic_policy(policy: Policy, epochs: int, close_mosaic: int) -> Policy:
+    """`policy` with Dense O2O (mosaic and mixup) ended at least `close_mosaic` epochs before the end, which is what
+    Ultralytics' `close_mosaic` asks: `e1 = clamp(epochs - close_mosaic, 0, e1)`, `e0 = min(e0, e1)`; e2 unchanged."""
+    if close_mosaic <= 0:
+        return policy
+    e0, e1, e2 = policy
+    e1 = max(0, min(e1, epochs - close_mosaic))
+    return min(e0, e1), e1, e2
+
+
 def empty_stages(policy: Policy, epochs: int) -> list[str]:
     """The stages of STAGES that get no epoch in a run of `epochs` under `policy`."""
     bounds = (0, *policy, epochs)

@@ -49,6 +49,7 @@ from deim_ultra.recipe_settings import recipe_overrides
 from deim_ultra.schedule import (
     RECIPES,
     check_policy,
+    close_mosaic_policy,
     ema_decay,
     empty_stages,
     flat_cosine_factor,
@@ -368,7 +369,9 @@ class DEIMTrainer(RTDETRTrainer):
         policy = (
             tuple(self.args.policy_epochs)
             if self.args.policy_epochs
-            else scale_policy(recipe.policy_epochs, recipe.epochs, self.epochs)
+            else close_mosaic_policy(
+                scale_policy(recipe.policy_epochs, recipe.epochs, self.epochs), self.epochs, self.args.close_mosaic
+            )
         )
         # The recipe's 2000 iterations are about 2 COCO epochs; on a small dataset the lr warmup would outlast the
         # whole run, so by default it ends with the data-aug warmup at the latest.
@@ -387,6 +390,12 @@ class DEIMTrainer(RTDETRTrainer):
                     "policy_epochs=[e0,e1,e2] to place them, or train longer"
                 )
         self.policy = policy
+
+    def _close_dataloader_mosaic(self):
+        """Under a recipe, `close_mosaic` has already ended the Dense O2O stage early (`set_policy`); Ultralytics'
+        own switch would replace the stage's pipeline."""
+        if not self.recipe_active:
+            super()._close_dataloader_mosaic()
 
     def _setup_train(self):
         """Ultralytics' set-up, then the recipe's EMA warm-up."""

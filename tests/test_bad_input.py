@@ -92,7 +92,7 @@ def test_mistyped_paths_do_not_fall_back_to_shipped_files(tmp_path):
         (dict(policy_epochs=[1, 2]), "three epochs"),
         (dict(policy_epochs=[1, 2, 30]), "epochs"),
         (dict(optimizer="SGD"), "recipe=none"),
-        (dict(close_mosaic=5), "recipe=none"),
+        (dict(close_mosaic=5, policy_epochs=[1, 2, 3]), "give one of the two"),
     ],
 )
 def test_recipe_settings_that_cannot_work_are_refused(tiny_data, tmp_path, settings, message):

@@ -138,6 +138,15 @@ def test_an_official_file_put_in_the_weights_dir_is_converted_without_download(w
     assert torch.equal(eval_logits(model), eval_logits(convert_official(state, "deim-n.yaml")))
 
 
+def test_a_bare_name_is_found_in_the_weights_dir_as_ultralytics_finds_it(weights_dir, tmp_path, monkeypatch):
+    weights_dir.mkdir()
+    DEIM("deim-n.yaml").save(weights_dir / "my_detector.pt")
+    monkeypatch.chdir(tmp_path)  # not the current directory
+    assert DEIM("my_detector.pt").ckpt_path == str(weights_dir / "my_detector.pt")
+    with pytest.raises(FileNotFoundError, match=f"neither as a file, in {weights_dir}, nor among the pretrained"):
+        DEIM("other.pt")
+
+
 def test_an_official_pth_converts_on_the_fly_by_its_shapes(tmp_path, caplog):
     path, state = tmp_path / "my_finetune.pth", official_weights()
     torch.save({"model": state}, path)

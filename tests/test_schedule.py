@@ -11,6 +11,7 @@ from torch import nn
 from deim_ultra.optim import build_adamw, official_param_groups, param_groups
 from deim_ultra.schedule import (
     RECIPES,
+    close_mosaic_policy,
     ema_decay,
     empty_stages,
     flat_cosine_factor,
@@ -88,6 +89,30 @@ def test_short_run_names_the_stages_it_leaves_out(tiny_data, tmp_path, caplog):
     assert "policy epochs [1, 1, 1] of 2" in caplog.text  # N's (4, 78, 148) of 160, scaled and clamped
     assert "lr warmup 2 iterations" in caplog.text  # the recipe's 2000, cut to e0 = 1 epoch of 8 images / batch 4
     assert "2 epochs leave no epoch to stage(s) dense_o2o, aug" in caplog.text
+
+
+def test_close_mosaic_ends_dense_o2o_that_many_epochs_before_the_end():
+    assert close_mosaic_policy((4, 78, 148), 160, 10) == (4, 78, 148)  # mosaic already ends 82 epochs early
+    assert close_mosaic_policy((1, 3, 5), 6, 4) == (1, 2, 5)
+    assert close_mosaic_policy((2, 3, 5), 6, 5) == (1, 1, 5)  # the data-aug warmup shortens with it
+    assert close_mosaic_policy((1, 3, 5), 6, 9) == (0, 0, 5)
+    assert close_mosaic_policy((1, 3, 5), 6, 0) == (1, 3, 5)
+
+
+def test_close_mosaic_under_a_recipe_trains_its_last_epochs_without_mosaic(tiny_data, tmp_path, caplog):
+    from deim_ultra import DEIM
+
+    stages = []
+    model = DEIM("deim-n.yaml")
+    model.add_callback("on_train_epoch_end", lambda trainer: stages.append(trainer.stage))
+    caplog.set_level(logging.INFO, logger="ultralytics")
+    model.train(
+        data=str(tiny_data), epochs=6, close_mosaic=4, imgsz=64, batch=4, workers=0, val=False, plots=False,
+        project=str(tmp_path),
+    )  # fmt: skip
+    assert "policy epochs [1, 2, 5] of 6" in caplog.text  # N's recipe scaled to 6 epochs is [1, 3, 5]
+    assert stages == ["warmup", "dense_o2o", "aug", "aug", "aug", "no_aug"]
+    assert "Closing dataloader mosaic" not in caplog.text  # Ultralytics' own switch stays out of the stages
 
 
 def test_scale_policy_identity():

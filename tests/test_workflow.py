@@ -256,15 +256,26 @@ def test_resuming_a_finished_run_through_the_trainer_says_there_is_nothing_to_re
 
 
 def test_cli_reads_arguments_as_yolo_does(trained, tiny_data, tmp_path):
-    """The optional task word, `--key=value`, a trailing comma and bare boolean flags (`save_txt`, `save_conf`)."""
+    """The task word after the mode, `--key=value`, a trailing comma and bare flags (`save_txt`, `save_conf`)."""
     result = deim_cli(
-        "detect", "predict", f"model={trained / 'weights' / 'best.pt'}", f"--source={val_image(tiny_data)}",
+        "predict", "detect", f"model={trained / 'weights' / 'best.pt'}", f"--source={val_image(tiny_data)}",
         f"imgsz={IMGSZ},", "conf=0.0", "save_txt", "save_conf", f"project={tmp_path}", "name=p", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (tmp_path / "p" / "labels" / f"{val_image(tiny_data).stem}.txt").read_text().splitlines()
     assert rows and all(len(row.split()) == 6 for row in rows)  # class, box and the confidence save_conf adds
     assert (tmp_path / "p" / f"{val_image(tiny_data).stem}.jpg").is_file()  # the annotated image, saved by default
+
+
+def test_cli_takes_the_mode_and_task_word_in_either_order():
+    from deim_ultra.cli import parse
+
+    expected = ("train", {"model": "deim-n.yaml", "save": True})
+    assert parse(["detect", "train", "model=deim-n.yaml", "save"]) == expected
+    assert parse(["train", "detect", "model=deim-n.yaml", "save"]) == expected
+    assert parse(["model=deim-n.yaml", "train", "save"]) == expected
+    with pytest.raises(SyntaxError, match="task 'segment': DEIM models detect"):
+        parse(["train", "segment", "model=deim-n.yaml"])
 
 
 def test_cli_runs_ultralytics_special_commands(tmp_path):
