@@ -70,15 +70,18 @@ class DEIM(Model):
         >>> model.export(format="onnx")
     """
 
-    def __init__(self, model: str | Path = "deim-n.yaml", verbose: bool = False) -> None:
+    def __init__(self, model: str | Path = "deim-n.yaml", task: str | None = None, verbose: bool = False) -> None:
         """Build a model from a DEIM YAML (a path or a shipped name) or load a DEIM checkpoint or export.
 
         Args:
             model (str | Path): `deim-{n,s,m,l,x}.yaml` (or `dfine-*.yaml`), a pretrained name such as 'deim-s.pt' or
                 'dfine-s-obj2coco.pt' (downloaded and converted once, see `deim_ultra.model_zoo`), a `.pt` DEIM
                 checkpoint, the authors' `.pth` (converted on the fly), or an exported model (`.onnx`, ...).
+            task (str, optional): Accepted as `YOLO(model, task=...)` takes it; DEIM models only detect.
             verbose (bool): Log the model summary.
         """
+        if task not in {None, "detect"}:
+            raise ValueError(f"task='{task}': DEIM models detect; drop task or write task='detect'")
         super().__init__(model=model, task="detect", verbose=verbose)
         self.add_callback("on_export_start", record_category_ids)
 

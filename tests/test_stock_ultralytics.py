@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from ultralytics import YOLO
 
@@ -107,3 +108,10 @@ def test_stock_export_decodes_as_rtdetr(easy_trained, easy_data, tmp_path):
     theirs = YOLO(exported).val(name="onnx", **settings).box
     assert type(YOLO(exported)).__name__ == "RTDETR"
     assert ours.map50 > 0 and abs(theirs.map - ours.map) <= 0.001 and abs(theirs.map50 - ours.map50) <= 0.001
+
+
+def test_deim_takes_the_task_argument_of_ultralytics_models(easy_trained):
+    """Code written for `YOLO(weights, task="detect")` (Ultralytics' own tests, `test_grayscale`) runs with DEIM."""
+    assert DEIM(easy_trained, task="detect").task == "detect"
+    with pytest.raises(ValueError, match="task='segment': DEIM models detect"):
+        DEIM(easy_trained, task="segment")
