@@ -144,3 +144,26 @@ def test_yolo_row_trains_on_a_dataset_given_by_its_shipped_name(tmp_path):
     assert len(list((tmp_path / "deepforest" / "images" / "train").glob("*.png"))) == 58
     with open(out / "convergence.csv") as f:
         assert [(r["row"], r["epoch"]) for r in csv.DictReader(f)] == [("f", "1")]
+
+
+def test_upstream_suite_comparison_flags_each_kind_of_surprise():
+    """`benchmarks/ultralytics_suite.py`'s verdict on recorded results: an unlisted failure, a listed single test that
+    passes, a listed kind nothing fails, and a "shared by RT-DETR" failure the control run passes all fail the run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ultralytics_suite as suite
+    finally:
+        sys.path.pop(0)
+    assert suite.expected_failures()  # the committed list parses, every category known
+    assert suite.matches("test_x.py::test_a[pose-m.pt]", "*[pose-*")  # brackets are literal, `*` is any text
+    assert not suite.matches("test_x.py::test_a[p]", "test_x.py::test_a[pq]")
+    entries = [
+        {"test": "t.py::test_seg[*", "category": "another task", "reason": "r"},
+        {"test": "t.py::test_ncnn", "category": "Ultralytics limit shared by RT-DETR", "reason": "r"},
+    ]
+    ok = {"t.py::test_seg[a]": ("failed", "m"), "t.py::test_seg[b]": ("passed", ""), "t.py::test_ncnn": ("failed", "m")}
+    assert suite.compare(ok, entries, {"t.py::test_ncnn": ["failed", "m"]}) == 0
+    assert suite.compare({**ok, "t.py::test_new": ("failed", "m")}, entries, None) == 1  # unlisted failure
+    assert suite.compare({**ok, "t.py::test_ncnn": ("passed", "")}, entries, None) == 1  # listed one passes
+    assert suite.compare({"t.py::test_ncnn": ("failed", "m")}, entries, None) == 1  # nothing fits test_seg[*
+    assert suite.compare(ok, entries, {"t.py::test_ncnn": ["passed", ""]}) == 1  # RT-DETR does not share it
