@@ -32,7 +32,7 @@ from deim_ultra.schedule import RECIPES
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
 FIXED = {"optimizer": "AdamW", "warmup_epochs": 0}
 FIXED_EQUIVALENT = {  # how to get, under the recipe, what each fixed setting asks for
-    "optimizer": "it trains with AdamW; tune it with lr0, backbone_lr, weight_decay and momentum (beta1)",
+    "optimizer": "tune it with lr0, backbone_lr, weight_decay and momentum (beta1)",
     "warmup_epochs": "its lr warmup is counted in iterations: set warmup_iters",
 }
 # Every DEIM and Ultralytics RT-DETR YAML starts with the backbone's stem; Ultralytics' `freeze` takes layer indices.
@@ -98,10 +98,10 @@ def check_refused(name: str, overrides: dict) -> None:
     if "nbs" in overrides and overrides["nbs"] != overrides.get("batch", RECIPES[name].batch):
         refuse(name, "nbs", overrides["nbs"], "gradient accumulation is not supported; nbs follows batch")
     if overrides.get("close_mosaic") and overrides.get("policy_epochs"):
-        refuse(
-            name, "close_mosaic", overrides["close_mosaic"],
-            "policy_epochs places the end of mosaic itself (its e1); give one of the two",
-        )  # fmt: skip
+        raise ValueError(
+            f"close_mosaic={overrides['close_mosaic']} and policy_epochs={overrides['policy_epochs']} both place the "
+            "end of mosaic (policy_epochs' e1): give one of the two"
+        )
     if overrides.get("time") and overrides.get("policy_epochs"):
         refuse(name, "time", overrides["time"], "time re-estimates epochs, which fixed policy_epochs cannot follow")
 

@@ -107,12 +107,12 @@ def stage_at(epoch: int, policy: Policy) -> str:
 
 def close_mosaic_policy(policy: Policy, epochs: int, close_mosaic: int) -> Policy:
     """`policy` with Dense O2O (mosaic and mixup) ended at least `close_mosaic` epochs before the end, which is what
-    Ultralytics' `close_mosaic` asks: `e1 = clamp(epochs - close_mosaic, 0, e1)`, `e0 = min(e0, e1)`; e2 unchanged."""
+    Ultralytics' `close_mosaic` asks: `e1 = clamp(epochs - close_mosaic, e0, e1)`. The data-aug warmup (and with it
+    the lr warmup) stays: when it leaves no room, Dense O2O is dropped rather than the warmup."""
     if close_mosaic <= 0:
         return policy
     e0, e1, e2 = policy
-    e1 = max(0, min(e1, epochs - close_mosaic))
-    return min(e0, e1), e1, e2
+    return e0, max(e0, min(e1, epochs - close_mosaic)), e2
 
 
 def empty_stages(policy: Policy, epochs: int) -> list[str]:

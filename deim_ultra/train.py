@@ -366,12 +366,11 @@ class DEIMTrainer(RTDETRTrainer):
     def set_policy(self) -> None:
         """Place the stage boundaries and the lr warmup for the current number of epochs."""
         recipe = RECIPES[self.args.recipe]
+        scaled = scale_policy(recipe.policy_epochs, recipe.epochs, self.epochs)
         policy = (
             tuple(self.args.policy_epochs)
             if self.args.policy_epochs
-            else close_mosaic_policy(
-                scale_policy(recipe.policy_epochs, recipe.epochs, self.epochs), self.epochs, self.args.close_mosaic
-            )
+            else close_mosaic_policy(scaled, self.epochs, self.args.close_mosaic)
         )
         # The recipe's 2000 iterations are about 2 COCO epochs; on a small dataset the lr warmup would outlast the
         # whole run, so by default it ends with the data-aug warmup at the latest.
@@ -382,6 +381,11 @@ class DEIMTrainer(RTDETRTrainer):
                 f"{colorstr('DEIM schedule:')} recipe {self.args.recipe}, policy epochs {list(policy)} of "
                 f"{self.epochs}: warmup < {policy[0]} <= Dense O2O < {policy[1]} <= augment < {policy[2]} <= "
                 f"no-aug tail; lr warmup {self.warmup_iters} iterations"
+                + (
+                    f" (close_mosaic={self.args.close_mosaic} moved e1 from {scaled[1]})"
+                    if policy[1] != scaled[1] and not self.args.policy_epochs
+                    else ""
+                )
             )
             empty = empty_stages(policy, self.epochs)
             if empty:

@@ -108,6 +108,16 @@ def test_fuse_keeps_outputs_drops_5436_params_and_is_idempotent():
         assert torch.equal(a, b)
 
 
+def test_fused_convs_keep_the_frozen_state_of_a_loaded_model():
+    """A checkpoint loads frozen (Ultralytics' summary counts 0 gradients); fusion must not thaw its encoder."""
+    frozen = HybridEncoder(*SIZES["N"]).eval().requires_grad_(False)
+    frozen.fuse()
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = HybridEncoder(*SIZES["N"]).eval()
+    trainable.fuse()
+    assert all(p.requires_grad for p in trainable.parameters())
+
+
 @pytest.mark.parametrize(
     "size, branch, blocks",  # branch = round(expansion * hidden // 2), blocks = round(3 * depth_mult)
     [("N", 21, 2), ("S", 64, 1), ("M", 128, 2), ("L", 128, 3), ("X", 192, 3)],

@@ -45,7 +45,6 @@ def test_key_without_counterpart_is_refused_by_train(key, tiny_data, tmp_path):
     [
         (dict(optimizer="SGD"), "optimizer"),
         (dict(warmup_epochs=3.0), "warmup_epochs"),
-        (dict(close_mosaic=1, policy_epochs=[1, 2, 3]), "close_mosaic"),
         (dict(batch=8, nbs=64), "nbs"),
         (dict(time=1.0, policy_epochs=[1, 2, 3]), "time"),
         (dict(multi_scale=0.5), "multi_scale"),  # recipe n has no multi-scale repeat to use

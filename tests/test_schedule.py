@@ -94,8 +94,8 @@ def test_short_run_names_the_stages_it_leaves_out(tiny_data, tmp_path, caplog):
 def test_close_mosaic_ends_dense_o2o_that_many_epochs_before_the_end():
     assert close_mosaic_policy((4, 78, 148), 160, 10) == (4, 78, 148)  # mosaic already ends 82 epochs early
     assert close_mosaic_policy((1, 3, 5), 6, 4) == (1, 2, 5)
-    assert close_mosaic_policy((2, 3, 5), 6, 5) == (1, 1, 5)  # the data-aug warmup shortens with it
-    assert close_mosaic_policy((1, 3, 5), 6, 9) == (0, 0, 5)
+    assert close_mosaic_policy((2, 3, 5), 6, 5) == (2, 2, 5)  # the warmup stays, Dense O2O goes
+    assert close_mosaic_policy((1, 3, 5), 3, 10) == (1, 1, 5)
     assert close_mosaic_policy((1, 3, 5), 6, 0) == (1, 3, 5)
 
 
@@ -111,6 +111,7 @@ def test_close_mosaic_under_a_recipe_trains_its_last_epochs_without_mosaic(tiny_
         project=str(tmp_path),
     )  # fmt: skip
     assert "policy epochs [1, 2, 5] of 6" in caplog.text  # N's recipe scaled to 6 epochs is [1, 3, 5]
+    assert "(close_mosaic=4 moved e1 from 3)" in caplog.text
     assert stages == ["warmup", "dense_o2o", "aug", "aug", "aug", "no_aug"]
     assert "Closing dataloader mosaic" not in caplog.text  # Ultralytics' own switch stays out of the stages
 

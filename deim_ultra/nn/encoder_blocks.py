@@ -27,10 +27,14 @@ def conv_norm_pair(c1: int, c2: int, k: int = 1) -> nn.Sequential:
 
 
 def fold_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
-    """Return a new conv with bias that equals ``norm(conv(x))`` with the norm's running statistics (eval mode)."""
+    """Return a new conv with bias that equals ``norm(conv(x))`` with the norm's running statistics (eval mode).
+
+    Its parameters carry the conv's `requires_grad` (a loaded checkpoint's are frozen), as Ultralytics' own fusion does.
+    """
     fused = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, groups=conv.groups, bias=True
     ).to(conv.weight)
+    fused.requires_grad_(conv.weight.requires_grad)
     with torch.no_grad():
         weight, bias = fuse_conv_bn_weights(
             conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
