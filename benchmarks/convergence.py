@@ -56,7 +56,8 @@ from ultralytics.utils import NUM_THREADS  # noqa: E402
 from deim_ultra import DEIM  # noqa: E402
 from deim_ultra.cfg import resolve_data_yaml  # noqa: E402
 from deim_ultra.data.synthetic import make_synthetic_dataset  # noqa: E402
-from deim_ultra.schedule import RECIPES, scale_policy  # noqa: E402
+from deim_ultra.recipe.schedule import scale_policy
+from deim_ultra.recipe.tables import RECIPES  # noqa: E402
 
 ROWS = {
     "a": "DEIM",

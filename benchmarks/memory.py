@@ -44,8 +44,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     from deim_ultra.data.mixup import batch_mixup
     from deim_ultra.data.synthetic import make_synthetic_dataset
     from deim_ultra.nn.tasks import DEIMDetectionModel
-    from deim_ultra.optim import build_adamw
-    from deim_ultra.schedule import multiscale_sizes
+    from deim_ultra.recipe.optim import build_adamw
+    from deim_ultra.recipe.schedule import multiscale_sizes
 
     stage, p, largest = CONFIGS[name]
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
 """deim-ultra: DEIM real-time DETR (CVPR 2025) for the Ultralytics ecosystem."""
 
+from deim_ultra.checkpoints.safe_load import allow_weights_only_loading
 from deim_ultra.convert import convert_official
 from deim_ultra.model import DEIM
-from deim_ultra.nn.safe_load import allow_weights_only_loading
 
 allow_weights_only_loading()  # Ultralytics' ULTRALYTICS_SAFE_LOAD=1 loading then accepts DEIM checkpoints
 

@@ -14,7 +14,7 @@ from copy import deepcopy
 import torch
 from torch import nn
 
-from deim_ultra.weights import listing
+from deim_ultra.messages import listing
 
 
 def norm_name(name: object) -> str:

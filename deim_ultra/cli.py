@@ -22,8 +22,8 @@ from ultralytics.cfg import TASKS, check_dict_alignment, entrypoint, merge_equal
 from ultralytics.utils import ASSETS, DEFAULT_CFG_DICT, LOGGER
 
 from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT, MODE_SETTINGS
+from deim_ultra.checkpoints.zoo import ZOO
 from deim_ultra.data.audit import DatasetError
-from deim_ultra.model_zoo import ZOO
 from deim_ultra.nonfinite import DivergedError
 
 MODES = ("train", "val", "predict", "track", "export")

@@ -14,12 +14,13 @@ import torch
 from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML
 
+from deim_ultra.checkpoints.read import read_checkpoint
+from deim_ultra.checkpoints.zoo import class_names, release_for_file
 from deim_ultra.class_transfer import class_dependent_keys
+from deim_ultra.messages import listing
 from deim_ultra.model import DEIM
-from deim_ultra.model_zoo import class_names, release_for_file
 from deim_ultra.nn.tasks import DEIMDetectionModel
 from deim_ultra.official_names import official_prefixes, rename_official_key
-from deim_ultra.weights import listing, read_checkpoint
 
 # Present only when a checkpoint was saved with denoising on; the model initialises it itself otherwise.
 TRAINING_ONLY_KEYS = ("decoder.denoising_class_embed.weight",)

@@ -14,10 +14,10 @@ from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOGGER, YAML
 from ultralytics.utils.checks import check_yaml
 
-from deim_ultra.backbone_weights import is_backbone_file, weights_dir
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
-from deim_ultra.checkpoint_safety import check_checkpoint
-from deim_ultra.model_zoo import ZOO, pretrained_path
+from deim_ultra.checkpoints.backbone import is_backbone_file, weights_dir
+from deim_ultra.checkpoints.safety import check_checkpoint
+from deim_ultra.checkpoints.zoo import ZOO, pretrained_path
 from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer, check_resumable
@@ -75,7 +75,7 @@ class DEIM(Model):
 
         Args:
             model (str | Path): `deim-{n,s,m,l,x}.yaml` (or `dfine-*.yaml`), a pretrained name such as 'deim-s.pt' or
-                'dfine-s-obj2coco.pt' (downloaded and converted once, see `deim_ultra.model_zoo`), a `.pt` DEIM
+                'dfine-s-obj2coco.pt' (downloaded and converted once, see `deim_ultra.checkpoints.zoo`), a `.pt` DEIM
                 checkpoint, the authors' `.pth` (converted on the fly), or an exported model (`.onnx`, ...).
             task (str, optional): Accepted as `YOLO(model, task=...)` takes it; DEIM models only detect.
             verbose (bool): Log the model summary.
@@ -116,7 +116,7 @@ class DEIM(Model):
 
     def _load(self, weights: str, task: str | None = None) -> None:
         """Load a checkpoint or export, refusing `.pt` files that hold neither a DEIM nor an RT-DETR model, and any
-        whose pickle could run code (checked before Ultralytics unpickles it, see `deim_ultra.checkpoint_safety`).
+        whose pickle could run code (checked before Ultralytics unpickles it, see `deim_ultra.checkpoints.safety`).
 
         A pretrained name ('deim-s.pt') resolves to its cached file, downloaded the first time; an official `.pth` is
         converted in memory.

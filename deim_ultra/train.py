@@ -27,10 +27,10 @@ from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, WORLD_SIZE, colorstr
 from ultralytics.utils.patches import override_configs
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
-from deim_ultra.backbone_weights import backbone_weights, is_backbone_file
 from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, ultralytics_args
-from deim_ultra.checkpoint_io import drop_results_after, publish, strip_atomically
-from deim_ultra.checkpoint_safety import check_checkpoint
+from deim_ultra.checkpoints.atomic import drop_results_after, publish, strip_atomically
+from deim_ultra.checkpoints.backbone import backbone_weights, is_backbone_file
+from deim_ultra.checkpoints.safety import check_checkpoint
 from deim_ultra.data.audit import DatasetError, LabelAudit, check_training_set, with_one_based_hint
 from deim_ultra.data.coco_dataset import COCODEIMDataset, COCORTDETRDataset, is_coco_split
 from deim_ultra.data.coco_layout import coco_data
@@ -43,11 +43,9 @@ from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.nonfinite import NonFiniteSteps, restore_buffers
 from deim_ultra.official_names import official_namer
-from deim_ultra.optim import build_adamw, official_param_groups, param_groups
 from deim_ultra.random_streams import untouched_random_streams
-from deim_ultra.recipe_settings import recipe_overrides
-from deim_ultra.schedule import (
-    RECIPES,
+from deim_ultra.recipe.optim import build_adamw, official_param_groups, param_groups
+from deim_ultra.recipe.schedule import (
     check_policy,
     close_mosaic_policy,
     ema_decay,
@@ -57,7 +55,9 @@ from deim_ultra.schedule import (
     scale_policy,
     stage_at,
 )
-from deim_ultra.tail_restart import BEST_STAGE1, MAP_COLUMN, load_state, restore_before, save_state
+from deim_ultra.recipe.settings import recipe_overrides
+from deim_ultra.recipe.tables import RECIPES
+from deim_ultra.recipe.tail_restart import BEST_STAGE1, MAP_COLUMN, load_state, restore_before, save_state
 from deim_ultra.val import DEIMValidator
 
 
@@ -258,7 +258,7 @@ class DEIMTrainer(RTDETRTrainer):
         LOGGER.info(f"freeze_norm: {frozen} backbone BatchNorm layers frozen (fixed statistics and affine)")
 
     def init_backbone(self, model: DEIMDetectionModel) -> None:
-        """Load the ImageNet HGNetv2 weights that `pretrained` asks for (see `deim_ultra.backbone_weights`)."""
+        """Load the ImageNet HGNetv2 weights that `pretrained` asks for (see `deim_ultra.checkpoints.backbone`)."""
         path = backbone_weights(self.args.pretrained, model.yaml.get("backbone_weights"))
         if path is None:
             LOGGER.info(f"Backbone starts from random weights (pretrained={self.args.pretrained})")

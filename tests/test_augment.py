@@ -25,6 +25,7 @@ from deim_ultra.data.augment import (
 )
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.mixup import batch_mixup
+from deim_ultra.recipe.tables import MIXUP_P
 
 # RGB colour of class k; none is within COLOUR_TOL of another, of the grey background or of the black border fill
 COLOURS = np.array(
@@ -176,7 +177,7 @@ def test_stage_pipeline_holds_exactly_its_transforms(stage):
 
 
 def test_augmentation_parameters_of_dense_o2o():
-    from deim_ultra.recipe_settings import recipe_overrides
+    from deim_ultra.recipe.settings import recipe_overrides
 
     hyp = hyp_with(**recipe_overrides({"model": "deim-n.yaml"}))  # the settings a recipe's training set gets
     mosaic, photometric, zoom_crop = deim_transforms(RectangleDataset(), 640, "dense_o2o", hyp).transforms[:3]
@@ -394,7 +395,7 @@ def test_mixup_blends_neighbours_and_keeps_both_box_sets(dtype):
 
 def test_mixup_probability_weights_and_no_fire():
     gen = torch.Generator().manual_seed(0)
-    weights = [batch_mixup(collated_batch(torch.float32), gen)["mixup"] for _ in range(400)]
+    weights = [batch_mixup(collated_batch(torch.float32), gen, p=MIXUP_P)["mixup"] for _ in range(400)]
     fired = [w for w in weights if w != 1.0]
     assert 150 < len(fired) < 250  # p = 0.5
     assert 0.45 <= min(fired) < 0.46 and 0.54 < max(fired) <= 0.55

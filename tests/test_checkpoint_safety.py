@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deim_ultra import DEIM, convert_official
-from deim_ultra.checkpoint_safety import UnsafeCheckpointError
+from deim_ultra.checkpoints.safety import UnsafeCheckpointError
 from deim_ultra.nn.tasks import DEIMDetectionModel
 
 

@@ -110,7 +110,7 @@ def test_resume_after_a_kill_between_results_row_and_checkpoint_logs_each_epoch_
     ],
 )
 def test_results_csv_is_cut_back_to_the_resumed_epoch(written, kept, tmp_path):
-    from deim_ultra.checkpoint_io import drop_results_after
+    from deim_ultra.checkpoints.atomic import drop_results_after
 
     csv = tmp_path / "results.csv"
     csv.write_text(written)

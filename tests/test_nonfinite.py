@@ -97,7 +97,7 @@ def test_gradients_are_judged_only_without_an_amp_scaler():
 @pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-8), (torch.float16, torch.finfo(torch.float16).tiny)])
 def test_adamw_epsilon_keeps_half_precision_steps_finite(dtype, eps):
     """A zero gradient leaves Adam's second moment at 0; in float16 an epsilon of 1e-8 is 0 and the step is 0 / 0."""
-    from deim_ultra.optim import build_adamw
+    from deim_ultra.recipe.optim import build_adamw
 
     weight = torch.nn.Parameter(torch.ones(4, dtype=dtype))
     optimizer = build_adamw([{"params": [weight]}], lr=1e-3, weight_decay=0.0)

@@ -9,8 +9,9 @@ from ultralytics.utils import DEFAULT_CFG_DICT, YAML
 
 from deim_ultra import DEIM
 from deim_ultra.data.augment import DEIMMosaic
-from deim_ultra.recipe_settings import NO_EFFECT, UNSUPPORTED
-from deim_ultra.schedule import RECIPES, scale_policy
+from deim_ultra.recipe.schedule import scale_policy
+from deim_ultra.recipe.settings import NO_EFFECT, UNSUPPORTED
+from deim_ultra.recipe.tables import RECIPES
 from deim_ultra.train import DEIMTrainer
 
 from helpers import deim_cli

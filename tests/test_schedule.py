@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from deim_ultra.optim import build_adamw, official_param_groups, param_groups
-from deim_ultra.schedule import (
-    RECIPES,
+from deim_ultra.recipe.optim import build_adamw, official_param_groups, param_groups
+from deim_ultra.recipe.schedule import (
     close_mosaic_policy,
     ema_decay,
     empty_stages,
@@ -19,6 +18,7 @@ from deim_ultra.schedule import (
     scale_policy,
     stage_at,
 )
+from deim_ultra.recipe.tables import RECIPES
 
 # DEIM-N config: (regex, lr, weight decay) per group, in config order; unmatched parameters get (lr, weight decay).
 LR, BACKBONE_LR, WD = 8e-4, 4e-4, 1e-4
@@ -218,7 +218,7 @@ def test_param_groups_match_official_regexes_deim_n(parity_fixture):
 
 
 def test_tail_restart_rule():
-    from deim_ultra.tail_restart import restore_before
+    from deim_ultra.recipe.tail_restart import restore_before
 
     # The end of the authors' seed-0 curve (reference CSV, epochs 28-32): best pre-tail 0.6196, tail 0.7164, 0.7569.
     authors = [0.5555, 0.6196, 0.5583, 0.7164, 0.7569]

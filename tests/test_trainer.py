@@ -236,7 +236,7 @@ def test_multiscale_batches_until_the_tail(data, tmp_path):
     """S recipe at 640: each batch takes one size of the spec's list while augmenting, the base size in the tail."""
     import torch
 
-    from deim_ultra.schedule import multiscale_sizes
+    from deim_ultra.recipe.schedule import multiscale_sizes
     from deim_ultra.train import DEIMTrainer
 
     trainer = DEIMTrainer(overrides=dict(model="deim-s.yaml", data=str(data), imgsz=640, project=str(tmp_path)))
@@ -292,7 +292,7 @@ def test_tail_restarts_from_the_best_epoch_before_it(full_run):
     beat it (the authors' rule, `restore_before`)."""
     import torch
 
-    from deim_ultra.tail_restart import restore_before
+    from deim_ultra.recipe.tail_restart import restore_before
 
     rows = full_run.rows
     maps = [r["metrics/mAP50-95(B)"] for r in rows]

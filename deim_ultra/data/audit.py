@@ -23,7 +23,7 @@ from PIL import Image
 from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 from ultralytics.utils import LOGGER, NUM_THREADS
 
-from deim_ultra.weights import listing
+from deim_ultra.messages import listing
 
 
 class DatasetError(RuntimeError):

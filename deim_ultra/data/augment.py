@@ -27,12 +27,11 @@ from ultralytics.data.augment import BaseMixTransform, BaseTransform, Compose, F
 from ultralytics.utils import IterableSimpleNamespace
 from ultralytics.utils.instance import Instances
 
-from deim_ultra.schedule import STAGES
+from deim_ultra.recipe.schedule import STAGES
 
 MOSAIC_STAGES = ("dense_o2o",)  # stages with mosaic (and batch mixup)
 RANDOM_AUG_STAGES = ("dense_o2o", "aug")  # stages with photometric distortion, zoom-out and IoU-crop
 
-MOSAIC_P = 0.5
 MOSAIC_DEGREES = 10.0
 MOSAIC_TRANSLATE = (0.1, 0.1)
 MOSAIC_SCALE = (0.5, 1.5)
@@ -171,7 +170,7 @@ class DEIMMosaic(BaseMixTransform):
         affine: v2.RandomAffine applied to the canvas.
     """
 
-    def __init__(self, dataset, imgsz: int, p: float = MOSAIC_P) -> None:
+    def __init__(self, dataset, imgsz: int, p: float) -> None:
         super().__init__(dataset=dataset, p=p)
         self.resize = v2.Resize(size=imgsz // 2, max_size=imgsz)
         self.affine = v2.RandomAffine(degrees=MOSAIC_DEGREES, translate=MOSAIC_TRANSLATE, scale=MOSAIC_SCALE, fill=FILL)
@@ -229,7 +228,7 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
         imgsz: output side; images are stretched to imgsz x imgsz (no letterbox padding), as the authors do.
         stage: one of STAGES.
         hyp: settings; reads `fliplr` (horizontal flip probability, DEIM uses 0.5), `bgr` (Format's BGR probability)
-            and `mosaic` (the mosaic probability; a recipe sets DEIM's MOSAIC_P unless the user gave one).
+            and `mosaic` (the mosaic probability; a recipe sets `recipe.tables.MOSAIC_P` unless the user gave one).
 
     Returns:
         Compose whose output holds `img` (C, imgsz, imgsz) uint8 RGB tensor, `cls` (N, 1), `bboxes` (N, 4) normalised

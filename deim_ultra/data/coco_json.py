@@ -29,7 +29,7 @@ import numpy as np
 from ultralytics.utils import LOGGER
 
 from deim_ultra.data.audit import DatasetError
-from deim_ultra.weights import listing
+from deim_ultra.messages import listing
 
 SKIPPED = {  # kind: what the log line says about the entries of that kind
     "numeric_name": "categories with a numeric name (kept as the class name; it is not the class index)",

@@ -6,15 +6,14 @@ from typing import Any
 
 import torch
 
-MIXUP_P = 0.5
 MIXUP_LOW = 0.45
 MIXUP_HIGH = 0.55
 
 
 def batch_mixup(
     batch: dict[str, Any],
-    generator: torch.Generator | None = None,
-    p: float = MIXUP_P,
+    generator: torch.Generator | None,
+    p: float,
     low: float = MIXUP_LOW,
     high: float = MIXUP_HIGH,
 ) -> dict[str, Any]:

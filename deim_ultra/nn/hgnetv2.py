@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deim_ultra.weights import listing, read_checkpoint
+from deim_ultra.checkpoints.read import read_checkpoint
+from deim_ultra.messages import listing
 
 __all__ = ["ConvBNAct", "HGBlock", "HGStage", "HGStem", "LearnableAffine", "LightConvBNAct", "load_hgnetv2_pretrained"]
 

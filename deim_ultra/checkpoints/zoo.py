@@ -24,8 +24,8 @@ from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML, is_online
 from ultralytics.utils.downloads import safe_download
 
-from deim_ultra.backbone_weights import weights_dir
-from deim_ultra.checkpoint_io import save_atomically
+from deim_ultra.checkpoints.atomic import save_atomically
+from deim_ultra.checkpoints.backbone import weights_dir
 
 DFINE_RELEASE = "https://github.com/Peterande/storage/releases/download/dfinev1.0"
 MIRROR_VARIABLE = "DEIM_WEIGHTS_URL"

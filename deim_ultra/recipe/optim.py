@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from deim_ultra.recipe.tables import OFFICIAL_GROUPS
+
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -70,20 +72,6 @@ def param_groups(
     return [g for g in groups.values() if g["params"]]
 
 
-# Per recipe: (regex on the official name, at the backbone lr, decayed), in the configs' order.
-_N_GROUPS = (
-    (r"^(?=.*backbone)(?!.*norm|bn).*$", True, True),
-    (r"^(?=.*backbone)(?=.*norm|bn).*$", True, False),
-    (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", False, False),
-)
-_SM_GROUPS = ((r"^(?=.*backbone)(?!.*bn).*$", True, True), (r"^(?=.*(?:norm|bn)).*$", False, False))
-_LX_GROUPS = (
-    (r"^(?=.*backbone)(?!.*norm|bn).*$", True, True),
-    (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", False, False),
-)
-OFFICIAL_GROUPS = {"n": _N_GROUPS, "s": _SM_GROUPS, "m": _SM_GROUPS, "l": _LX_GROUPS, "x": _LX_GROUPS}
-
-
 def official_param_groups(
     model: nn.Module,
     official_name: Callable[[str], str],
@@ -97,7 +85,7 @@ def official_param_groups(
     Args:
         model (nn.Module): A DEIM model.
         official_name (Callable[[str], str]): Maps a parameter name of `model` to the authors' name for it.
-        recipe (str): One of OFFICIAL_GROUPS ('n', 's', 'm', 'l', 'x').
+        recipe (str): One of `tables.OFFICIAL_GROUPS` ('n', 's', 'm', 'l', 'x').
         lr (float): Base learning rate.
         backbone_lr (float): Learning rate of the groups the config gives the backbone lr.
         weight_decay (float): Weight decay of the decaying groups.

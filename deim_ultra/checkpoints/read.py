@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from deim_ultra.checkpoint_safety import PLAIN_TYPES, UnsafeCheckpointError, is_trusted_global, pickled_globals
+from deim_ultra.checkpoints.safety import PLAIN_TYPES, UnsafeCheckpointError, is_trusted_global, pickled_globals
 
 
 def refused_globals(path: Path) -> list[str]:
@@ -49,9 +49,3 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint or state dict")
     return checkpoint
-
-
-def listing(items: list[str], limit: int = 12) -> str:
-    """The first `limit` items comma-separated, then how many more, to keep error messages readable."""
-    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more

@@ -8,12 +8,12 @@ Mapped (the Ultralytics key keeps its meaning, DEIM's pipeline honours it):
     lrf           FlatCosine's final lr fraction, reached at e2 (the authors' lr_gamma: N 1.0, S..X 0.5)
     momentum      AdamW's beta1 (recipe: 0.9, the authors' betas (0.9, 0.999))
     multi_scale   DEIM's multi-scale range as a fraction of imgsz (recipe: 0.25 for S..X, 0 for N), see
-                  `deim_ultra.schedule.multiscale_sizes`
+                  `deim_ultra.recipe.schedule.multiscale_sizes`
     freeze        Ultralytics' layer freezing; recipes l and x default to [0], the stem (the authors' freeze_at: 0)
     batch         -1 or a fraction runs Ultralytics' AutoBatch; weight decay is never rescaled (nbs follows batch)
     time          Ultralytics re-estimates epochs from the epoch time; the policy epochs are rescaled with it
     close_mosaic  Dense O2O (mosaic and mixup) ends at least this many epochs before the end (recipe: 0, the
-                  recipe's own policy epochs), see `deim_ultra.schedule.close_mosaic_policy`
+                  recipe's own policy epochs), see `deim_ultra.recipe.schedule.close_mosaic_policy`
 Fixed by the recipe (another value is refused): optimizer, warmup_epochs, nbs (no accumulation).
 Refused unless left at Ultralytics' default: the YOLO augmentation and lr-schedule keys in UNSUPPORTED, and under
 every recipe, `recipe=none` included, the YOLO loss gains, `rect` and the export setting `sampler` in NO_EFFECT.
@@ -25,9 +25,7 @@ from ultralytics.cfg import DEFAULT_CFG_DICT
 from ultralytics.nn.tasks import yaml_model_load
 
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml
-from deim_ultra.data.augment import MOSAIC_P
-from deim_ultra.data.mixup import MIXUP_P
-from deim_ultra.schedule import RECIPES
+from deim_ultra.recipe.tables import MIXUP_P, MOSAIC_P, MULTI_SCALE, RECIPES
 
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
 FIXED = {"optimizer": "AdamW", "warmup_epochs": 0}
@@ -37,8 +35,6 @@ FIXED_EQUIVALENT = {  # how to get, under the recipe, what each fixed setting as
 }
 # Every DEIM and Ultralytics RT-DETR YAML starts with the backbone's stem; Ultralytics' `freeze` takes layer indices.
 STEM_LAYER = 0
-# The DEIM multi-scale range at which 640 gives the authors' sizes 480 ... 800.
-MULTI_SCALE = 0.25
 _AUGMENT = "DEIM's augmentation is mosaic, mixup, photometric distortion, zoom-out, IoU crop and flip"
 _SCHEDULE = "DEIM's lr is FlatCosine (set lrf, policy_epochs, warmup_iters)"
 UNSUPPORTED = {

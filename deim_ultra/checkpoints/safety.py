@@ -6,7 +6,7 @@ such a load, `check_checkpoint` lists the globals the file references beyond tor
 (`torch.serialization.get_unsafe_globals_in_checkpoint`, which reads the pickle without executing it) and accepts only
 `nn.Module` classes of torch, torchvision (FrozenBatchNorm2d, under `freeze_norm`), Ultralytics and deim-ultra plus
 the few plain types Ultralytics stores. Official `.pth` files hold tensors only and are read with `weights_only=True`
-(`deim_ultra.weights.read_checkpoint`).
+(`deim_ultra.checkpoints.read.read_checkpoint`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from ultralytics.utils.torch_utils import unwrap_model
 
-from deim_ultra.checkpoint_io import save_atomically
+from deim_ultra.checkpoints.atomic import save_atomically
 
 BEST_STAGE1 = "best_stage1.pt"
 MAP_COLUMN = "metrics/mAP50-95(B)"
