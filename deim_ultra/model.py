@@ -176,8 +176,6 @@ class DEIM(Model):
                 f"pretrained={kwargs['pretrained']} initialises the backbone of a model built from a YAML, but this "
                 f"model was loaded from '{self.ckpt_path}' and already holds weights. Fix: DEIM('deim-<size>.yaml')"
             )
-        if kwargs.get("recipe", from_file.get("recipe", "auto")) == "auto" and not kwargs.get("resume"):
-            kwargs["recipe"] = getattr(self.model, "yaml", {}).get("recipe", "none")
         return super().train(trainer=trainer, **kwargs)
 
     def check_resumable(self) -> None:

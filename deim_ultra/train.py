@@ -423,7 +423,9 @@ class DEIMTrainer(RTDETRTrainer):
     def final_eval(self) -> None:
         """Ultralytics' final evaluation, with its optimizer strip of last.pt and best.pt written atomically.
 
-        Repeated from `BaseTrainer.final_eval` because there `strip_optimizer(self.last)` rewrites the file in place.
+        Repeats `BaseTrainer.final_eval` (Ultralytics 8.4.190, ultralytics/engine/trainer.py lines 1005-1022;
+        tests/test_upstream_copies.py notices a change there) because there `strip_optimizer(self.last)` rewrites the
+        file in place. Changed: the atomic strip, and no final validation in CPU DDP processes.
         """
         with torch_distributed_zero_first(LOCAL_RANK):  # strip on the first process; the others wait
             if RANK in {-1, 0}:
@@ -519,12 +521,15 @@ class DEIMTrainer(RTDETRTrainer):
     def optimizer_step(self):
         """Ultralytics' step, skipped when the loss or the gradient is not finite (see `deim_ultra.nonfinite`).
 
-        Its body is repeated because the check needs the gradient norm that Ultralytics' clipping computes and drops;
-        the clip is the recipe's `clip_max_norm` (0.1), or Ultralytics' fixed 10.0 with `recipe=none`.
+        Repeats `BaseTrainer.optimizer_step` (Ultralytics 8.4.190, ultralytics/engine/trainer.py lines 909-920;
+        tests/test_upstream_copies.py notices a change there) because the check needs the gradient norm that
+        Ultralytics' clipping computes and drops. Changed: the clip is the recipe's `clip_max_norm` (0.1), or
+        Ultralytics' fixed 10.0 with `recipe=none`; the skip and the EMA-buffer restore.
         """
         self.scaler.unscale_(self.optimizer)
         max_norm = self.args.clip_max_norm if self.recipe_active else 10.0
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
+        foreach = False if self.device.type == "npu" else None  # as upstream: NPUs clip without foreach kernels
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm, foreach=foreach)
         judged = None if self.scaler.is_enabled() else norm  # an enabled GradScaler skips overflowing steps itself
         if self.nonfinite.skip(self.loss, judged, self.batch_files, f"epoch {self.epoch + 1}"):
             self.scaler.update()  # closes this step's unscale_, so the next step may unscale again

@@ -186,3 +186,20 @@ def test_time_rescales_the_policy_to_the_reestimated_epochs(tiny_data, tmp_path)
     assert seen["epochs"] < 50  # 0.36 s cannot hold 50 epochs: Ultralytics re-estimated the run length
     assert seen["policy"] == scale_policy(n.policy_epochs, n.epochs, seen["epochs"])
     assert seen["policy"] != scale_policy(n.policy_epochs, n.epochs, 50)
+
+
+def test_the_recipe_tables_cover_every_shipped_model_size():
+    """Every model YAML names a recipe of `recipe/tables.py`, and every recipe has its size's parameter groups."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from deim_ultra.cfg import CFG_DIR
+    from deim_ultra.recipe.tables import OFFICIAL_GROUPS
+
+    named = {yaml_model_load(f).get("recipe") for f in CFG_DIR.glob("d*-*.yaml")}
+    assert named == set(RECIPES) == set(OFFICIAL_GROUPS) == {"n", "s", "m", "l", "x"}
+
+
+def test_recipe_auto_is_the_recipe_a_checkpoint_was_built_with(easy_trained, easy_data, tmp_path):
+    """A trainer given a checkpoint directly (not through `DEIM.train`) reads its YAML's recipe from the file."""
+    trainer = DEIMTrainer(overrides=dict(model=str(easy_trained), data=str(easy_data), project=str(tmp_path)))
+    assert trainer.args.recipe == "n" and trainer.args.lr0 == RECIPES["n"].lr

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 
-from deim_ultra.checkpoints.safety import PLAIN_TYPES, UnsafeCheckpointError, is_trusted_global, pickled_globals
+from deim_ultra.checkpoints.safety import (
+    PLAIN_TYPES,
+    UnsafeCheckpointError,
+    check_checkpoint,
+    is_trusted_global,
+    pickled_globals,
+)
 
 
 def refused_globals(path: Path) -> list[str]:
@@ -49,3 +55,12 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint or state dict")
     return checkpoint
+
+
+def checkpoint_model_yaml(path: str | Path) -> dict:
+    """The model YAML dict an Ultralytics / DEIM checkpoint was built from ({} when it holds no model), read only
+    after `check_checkpoint` has refused a pickle that could run code."""
+    check_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else None
+    return dict(getattr(model, "yaml", None) or {})

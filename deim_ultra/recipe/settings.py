@@ -21,10 +21,13 @@ every recipe, `recipe=none` included, the YOLO loss gains, `rect` and the export
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ultralytics.cfg import DEFAULT_CFG_DICT
 from ultralytics.nn.tasks import yaml_model_load
 
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml
+from deim_ultra.checkpoints.read import checkpoint_model_yaml
 from deim_ultra.recipe.tables import MIXUP_P, MOSAIC_P, MULTI_SCALE, RECIPES
 
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
@@ -57,12 +60,17 @@ NO_EFFECT = {
 
 
 def model_yaml(model: str | None) -> dict:
-    """The YAML dict of a `model` argument that names a YAML; {} for checkpoints (their recipe is in their args)."""
-    return yaml_model_load(resolve_model_yaml(model)) if str(model).endswith((".yaml", ".yml")) else {}
+    """The YAML dict of a `model` argument: a model YAML's, or the one a checkpoint was built from; {} otherwise."""
+    if str(model).endswith((".yaml", ".yml")):
+        return yaml_model_load(resolve_model_yaml(model))
+    if str(model).endswith(".pt") and Path(str(model)).is_file():
+        return checkpoint_model_yaml(model)
+    return {}
 
 
 def recipe_name(overrides: dict) -> str:
-    """The recipe `overrides` ask for: `recipe=auto` takes the model YAML's `recipe` key, `none` without one."""
+    """The recipe `overrides` ask for: `recipe=auto` takes the `recipe` key of the model's YAML (a checkpoint's too),
+    `none` without one. This is the one place where `auto` is resolved."""
     name = overrides.get("recipe", DEIM_CFG_DICT["recipe"])
     name = "none" if name is None else str(name)  # the shell's `recipe=none` reaches here as None (Ultralytics' parser)
     if name == "auto":
