@@ -64,7 +64,7 @@ tail -8 $R/half.txt
 t "fine-tune dfine-s-obj2coco.pt on deepforest at 640"
 if [ -f "${DFINE_S_OBJ2COCO:-}" ] && [ -f "${DEEPFOREST:-}" ]; then
   WD=$(python3 -c "from ultralytics.utils import SETTINGS; print(SETTINGS['weights_dir'])"); mkdir -p "$WD"
-  cp "$DFINE_S_OBJ2COCO" "$WD/dfine_s_obj2coco.pth"  # converted from there, with no download (deim_ultra.model_zoo)
+  cp "$DFINE_S_OBJ2COCO" "$WD/dfine_s_obj2coco.pth"  # converted from there, with no download (deim_ultra.checkpoints.zoo)
   timeout ${FT_CAP:-900} python3 -m deim_ultra.cli train model=dfine-s-obj2coco.pt data=$DEEPFOREST epochs=${FT_EPOCHS:-72} imgsz=640 batch=16 device=$DEV workers=4 plots=False project=$R/finetune name=dfine_s exist_ok=True > $R/finetune.log 2>&1
   t "fine-tune rc $?"; grep -E "transferred by name|Transferred" $R/finetune.log; tail -5 $R/finetune/dfine_s/results.csv
 else

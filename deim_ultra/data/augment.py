@@ -221,7 +221,7 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
     Stages: "warmup" and "no_aug" run only sanitize, flip, resize and format; "aug" adds photometric distortion,
     zoom-out and IoU-crop; "dense_o2o" adds mosaic in front of those (batch mixup is applied to collated batches, see
     `deim_ultra.data.mixup`). The other augmentation parameters are DEIM's (module constants); Ultralytics keys
-    without a DEIM counterpart (hyp.degrees, hyp.hsv_h, ...) are refused under a recipe (see recipe_settings.py).
+    without a DEIM counterpart (hyp.degrees, hyp.hsv_h, ...) are refused under a recipe (see `deim_ultra.recipe.settings`).
 
     Args:
         dataset: source of the mosaic's extra images (`get_image_and_label`, `__len__`).
