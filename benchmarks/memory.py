@@ -40,8 +40,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     from ultralytics.utils import IterableSimpleNamespace
 
     from deim_ultra.cfg import DEIM_CFG_DICT
+    from deim_ultra.data.batch_transforms import batch_mixup
     from deim_ultra.data.dataset import DEIMDataset
-    from deim_ultra.data.mixup import batch_mixup
     from deim_ultra.data.synthetic import make_synthetic_dataset
     from deim_ultra.nn.tasks import DEIMDetectionModel
     from deim_ultra.recipe.optim import build_adamw

@@ -32,10 +32,10 @@ from deim_ultra.checkpoints.atomic import drop_results_after, publish, strip_ato
 from deim_ultra.checkpoints.backbone import backbone_weights, is_backbone_file
 from deim_ultra.checkpoints.safety import check_checkpoint
 from deim_ultra.data.audit import DatasetError, LabelAudit, check_training_set, with_one_based_hint
+from deim_ultra.data.batch_transforms import batch_mixup, resize_batch
 from deim_ultra.data.coco_dataset import COCODEIMDataset, COCORTDETRDataset, is_coco_split
 from deim_ultra.data.coco_layout import coco_data
 from deim_ultra.data.dataset import DEIMDataset, rtdetr_style_dataset
-from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.distributed import in_process_group
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.frozen_norm import freeze_batchnorm
@@ -44,20 +44,14 @@ from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.nonfinite import NonFiniteSteps, restore_buffers
 from deim_ultra.official_names import official_namer
 from deim_ultra.random_streams import untouched_random_streams
+from deim_ultra.recipe import hooks as recipe_hooks
 from deim_ultra.recipe.optim import build_adamw, official_param_groups, param_groups
 from deim_ultra.recipe.schedule import (
     check_policy,
-    close_mosaic_policy,
     ema_decay,
-    empty_stages,
-    flat_cosine_factor,
     multiscale_sizes,
-    scale_policy,
-    stage_at,
 )
 from deim_ultra.recipe.settings import recipe_overrides
-from deim_ultra.recipe.tables import RECIPES
-from deim_ultra.recipe.tail_restart import BEST_STAGE1, MAP_COLUMN, load_state, restore_before, save_state
 from deim_ultra.val import DEIMValidator
 
 
@@ -105,19 +99,6 @@ def constant_lr(_: int) -> float:
     return 1.0
 
 
-def on_train_epoch_start(trainer: DEIMTrainer) -> None:
-    """Restart from the best pre-tail state where the tail asks for it, switch the data pipeline when the epoch
-    enters a new stage, and restart the epoch's iteration count."""
-    trainer.batch_in_epoch = 0
-    trainer.restart_tail()
-    trainer.apply_stage()
-
-
-def on_fit_epoch_end(trainer: DEIMTrainer) -> None:
-    """Keep the state of the best validated epoch before the no-aug tail."""
-    trainer.keep_best_stage1()
-
-
 def on_train_epoch_end(trainer: DEIMTrainer) -> None:
     """Report what this epoch skipped: broken training images, and optimizer steps with a non-finite loss/gradient."""
     skipped = trainer.train_audit.skipped if trainer.train_audit else 0
@@ -126,12 +107,6 @@ def on_train_epoch_end(trainer: DEIMTrainer) -> None:
     summary = trainer.nonfinite.epoch_summary()
     if summary:
         LOGGER.warning(f"Epoch {trainer.epoch + 1}: {summary}")
-
-
-def on_train_batch_start(trainer: DEIMTrainer) -> None:
-    """Set the FlatCosine learning rate of this iteration."""
-    trainer.apply_lr()
-    trainer.batch_in_epoch += 1
 
 
 class DEIMTrainer(RTDETRTrainer):
@@ -161,13 +136,9 @@ class DEIMTrainer(RTDETRTrainer):
                 raise ValueError(f"policy_epochs={self.args.policy_epochs}: give three epochs [e0, e1, e2]")
             check_policy(tuple(self.args.policy_epochs), self.args.epochs)
         self.applied_loss: torch.Tensor | None = None  # the loss of the last step applied, see `optimizer_step`
-        callbacks = [("on_train_epoch_end", on_train_epoch_end)]
-        if self.recipe_active:
-            callbacks += [
-                ("on_train_epoch_start", on_train_epoch_start),
-                ("on_train_batch_start", on_train_batch_start),
-                ("on_fit_epoch_end", on_fit_epoch_end),
-            ]
+        callbacks = [("on_train_epoch_end", on_train_epoch_end)] + (
+            recipe_hooks.CALLBACKS if self.recipe_active else []
+        )
         for event, callback in callbacks:
             if callback not in self.callbacks[event]:
                 self.add_callback(event, callback)
@@ -359,41 +330,9 @@ class DEIMTrainer(RTDETRTrainer):
         """
         if not self.recipe_active:
             return super()._setup_scheduler()
-        self.set_policy()
+        recipe_hooks.set_policy(self)
         self.lf = constant_lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
-
-    def set_policy(self) -> None:
-        """Place the stage boundaries and the lr warmup for the current number of epochs."""
-        recipe = RECIPES[self.args.recipe]
-        scaled = scale_policy(recipe.policy_epochs, recipe.epochs, self.epochs)
-        policy = (
-            tuple(self.args.policy_epochs)
-            if self.args.policy_epochs
-            else close_mosaic_policy(scaled, self.epochs, self.args.close_mosaic)
-        )
-        # The recipe's 2000 iterations are about 2 COCO epochs; on a small dataset the lr warmup would outlast the
-        # whole run, so by default it ends with the data-aug warmup at the latest.
-        recipe_iters = min(recipe.warmup_iters, policy[0] * len(self.train_loader))
-        self.warmup_iters = self.args.warmup_iters if self.args.warmup_iters is not None else recipe_iters
-        if policy != self.policy:
-            LOGGER.info(
-                f"{colorstr('DEIM schedule:')} recipe {self.args.recipe}, policy epochs {list(policy)} of "
-                f"{self.epochs}: warmup < {policy[0]} <= Dense O2O < {policy[1]} <= augment < {policy[2]} <= "
-                f"no-aug tail; lr warmup {self.warmup_iters} iterations"
-                + (
-                    f" (close_mosaic={self.args.close_mosaic} moved e1 from {scaled[1]})"
-                    if policy[1] != scaled[1] and not self.args.policy_epochs
-                    else ""
-                )
-            )
-            empty = empty_stages(policy, self.epochs)
-            if empty:
-                LOGGER.warning(
-                    f"DEIM schedule: {self.epochs} epochs leave no epoch to stage(s) {', '.join(empty)}; set "
-                    "policy_epochs=[e0,e1,e2] to place them, or train longer"
-                )
-        self.policy = policy
 
     def _close_dataloader_mosaic(self):
         """Under a recipe, `close_mosaic` has already ended the Dense O2O stage early (`set_policy`); Ultralytics'
@@ -450,58 +389,6 @@ class DEIMTrainer(RTDETRTrainer):
         self.run_callbacks("on_fit_epoch_end")
         self.epoch -= 1
 
-    def apply_stage(self) -> None:
-        """Put the training set in the stage of the current epoch; rebuild the loader's workers when it changes."""
-        stage = stage_at(self.epoch, self.policy)
-        if stage == self.stage:
-            return
-        self.stage = stage
-        self.train_loader.dataset.set_stage(stage)
-        self.train_loader.reset()  # workers hold copies of the dataset: restart them with the new pipeline
-        LOGGER.info(f"{colorstr('DEIM schedule:')} epoch {self.epoch + 1} enters stage '{stage}'")
-
-    def epoch_maps(self) -> list[float]:
-        """Val mAP50-95 of every finished epoch, from results.csv (so a resumed run sees the epochs before it)."""
-        return [float(v) for v in self.read_results_csv().get(MAP_COLUMN, [])]
-
-    def keep_best_stage1(self) -> None:
-        """Before the tail, save the full state of an epoch whose val mAP50-95 beats every earlier one.
-
-        Only the process that validates writes it; under DDP the others read it at the restart, after the epoch-end
-        synchronisation has passed.
-        """
-        if not self.args.val or self.epoch >= self.policy[2] or RANK not in {-1, 0}:
-            return
-        maps = self.epoch_maps()
-        if maps and maps[-1] > max(maps[:-1], default=float("-inf")):
-            save_state(self, self.wdir / BEST_STAGE1)
-
-    def restart_tail(self) -> None:
-        """Load the best pre-tail state at the start of the tail and after a tail epoch that did not improve."""
-        if self.epoch < self.policy[2]:
-            return
-        path = self.wdir / BEST_STAGE1
-        if not self.args.val or not path.is_file():
-            if self.epoch == self.policy[2]:
-                LOGGER.warning(
-                    f"DEIM schedule: the no-aug tail continues from the last epoch, not from the best one before it, "
-                    f"because {'val=False validates no epoch' if not self.args.val else f'{path} is missing'}"
-                )
-            return
-        if restore_before(self.epoch, self.epoch_maps(), self.policy[2]):
-            best = load_state(self, path)
-            LOGGER.info(
-                f"{colorstr('DEIM schedule:')} epoch {self.epoch + 1} restarts from the state after epoch {best + 1}, "
-                f"the best val mAP50-95 before the no-aug tail"
-            )
-
-    def apply_lr(self) -> None:
-        """FlatCosine: set every parameter group's lr for the current iteration."""
-        iteration = self.epoch * len(self.train_loader) + self.batch_in_epoch
-        factor = flat_cosine_factor(iteration, len(self.train_loader), self.policy, self.warmup_iters, self.args.lrf)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-
     def preprocess_batch(self, batch: dict) -> dict:
         """Ultralytics' preprocessing, then batch mixup in the Dense O2O stage and one random size per batch."""
         self.batch_files = tuple(batch.get("im_file", ()))
@@ -513,9 +400,7 @@ class DEIMTrainer(RTDETRTrainer):
             batch = batch_mixup(batch, generator=self.mixup_rng, p=self.args.mixup)
         if self.stage != "no_aug":  # one size per batch; [imgsz] alone when multi-scale is off
             sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat, self.args.multi_scale)
-            size = self.scale_rng.choice(sizes)
-            if size != batch["img"].shape[-1]:  # nearest, as the authors' collate (F.interpolate's default)
-                batch["img"] = nn.functional.interpolate(batch["img"], size=(size, size), mode="nearest")
+            batch = resize_batch(batch, self.scale_rng.choice(sizes))
         return batch
 
     def optimizer_step(self):

@@ -1,4 +1,5 @@
-"""Tests for DEIM's staged data pipeline (deim_ultra.data.augment / dataset) and batch mixup (deim_ultra.data.mixup).
+"""Tests for DEIM's staged data pipeline (deim_ultra.data.augment / dataset) and batch mixup
+(deim_ultra.data.batch_transforms).
 
 Box correctness is checked against pixels: synthetic images carry filled rectangles, one unique colour per class, and
 after a transform every output box must hold its class's colour and every pixel of that colour must lie in the box.
@@ -23,8 +24,8 @@ from deim_ultra.data.augment import (
     TorchvisionTransform,
     deim_transforms,
 )
+from deim_ultra.data.batch_transforms import batch_mixup
 from deim_ultra.data.dataset import DEIMDataset
-from deim_ultra.data.mixup import batch_mixup
 from deim_ultra.recipe.tables import MIXUP_P
 
 # RGB colour of class k; none is within COLOUR_TOL of another, of the grey background or of the black border fill

@@ -218,7 +218,8 @@ def test_trainer_survives_ddp_rebuild(data, tmp_path):
     import cloudpickle  # what Ultralytics uses to ship the trainer state to DDP workers
     from ultralytics.utils import DEFAULT_CFG_DICT
 
-    from deim_ultra.train import DEIMTrainer, on_train_batch_start, on_train_epoch_start
+    from deim_ultra.recipe.hooks import on_train_batch_start, on_train_epoch_start
+    from deim_ultra.train import DEIMTrainer
 
     trainer = DEIMTrainer(overrides=dict(model="deim-s.yaml", data=str(data), project=str(tmp_path), name="ddp"))
     state = cloudpickle.loads(

@@ -10,7 +10,7 @@ Order (the authors' DEIM recipe): Mosaic -> RandomPhotometricDistort -> RandomZo
 SanitizeBoundingBoxes -> horizontal flip -> antialiased stretch resize -> SanitizeBoundingBoxes -> Format (normalised
 cxcywh). A sample that Mosaic changed
 skips zoom-out and IoU-crop: Mosaic marks it under MOSAIC_FLAG and the zoom-out/IoU-crop transform consumes the mark.
-Batch mixup works on collated batches and lives in `deim_ultra.data.mixup`.
+Batch mixup works on collated batches and lives in `deim_ultra.data.batch_transforms`.
 """
 
 from __future__ import annotations
@@ -220,8 +220,9 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
 
     Stages: "warmup" and "no_aug" run only sanitize, flip, resize and format; "aug" adds photometric distortion,
     zoom-out and IoU-crop; "dense_o2o" adds mosaic in front of those (batch mixup is applied to collated batches, see
-    `deim_ultra.data.mixup`). The other augmentation parameters are DEIM's (module constants); Ultralytics keys
-    without a DEIM counterpart (hyp.degrees, hyp.hsv_h, ...) are refused under a recipe (see `deim_ultra.recipe.settings`).
+    `deim_ultra.data.batch_transforms`). The other augmentation parameters are DEIM's (module constants); Ultralytics
+    keys without a DEIM counterpart (hyp.degrees, hyp.hsv_h, ...) are refused under a recipe
+    (`deim_ultra.recipe.settings`).
 
     Args:
         dataset: source of the mosaic's extra images (`get_image_and_label`, `__len__`).

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
 from deim_ultra.checkpoints.atomic import save_atomically
+
+if TYPE_CHECKING:
+    from deim_ultra.train import DEIMTrainer
 
 BEST_STAGE1 = "best_stage1.pt"
 MAP_COLUMN = "metrics/mAP50-95(B)"
@@ -68,3 +73,41 @@ def load_state(trainer, path: Path) -> int:
     trainer.ema.updates = state["updates"]
     trainer.optimizer.load_state_dict(state["optimizer"])
     return state["epoch"]
+
+
+def epoch_maps(trainer: DEIMTrainer) -> list[float]:
+    """Val mAP50-95 of every finished epoch, from results.csv (so a resumed run sees the epochs before it)."""
+    return [float(v) for v in trainer.read_results_csv().get(MAP_COLUMN, [])]
+
+
+def keep_best_stage1(trainer: DEIMTrainer) -> None:
+    """Before the tail, save the full state of an epoch whose val mAP50-95 beats every earlier one.
+
+    Only the process that validates writes it; under DDP the others read it at the restart, after the epoch-end
+    synchronisation has passed.
+    """
+    if not trainer.args.val or trainer.epoch >= trainer.policy[2] or RANK not in {-1, 0}:
+        return
+    maps = epoch_maps(trainer)
+    if maps and maps[-1] > max(maps[:-1], default=float("-inf")):
+        save_state(trainer, trainer.wdir / BEST_STAGE1)
+
+
+def restart_tail(trainer: DEIMTrainer) -> None:
+    """Load the best pre-tail state at the start of the tail and after a tail epoch that did not improve."""
+    if trainer.epoch < trainer.policy[2]:
+        return
+    path = trainer.wdir / BEST_STAGE1
+    if not trainer.args.val or not path.is_file():
+        if trainer.epoch == trainer.policy[2]:
+            LOGGER.warning(
+                f"DEIM schedule: the no-aug tail continues from the last epoch, not from the best one before it, "
+                f"because {'val=False validates no epoch' if not trainer.args.val else f'{path} is missing'}"
+            )
+        return
+    if restore_before(trainer.epoch, epoch_maps(trainer), trainer.policy[2]):
+        best = load_state(trainer, path)
+        LOGGER.info(
+            f"{colorstr('DEIM schedule:')} epoch {trainer.epoch + 1} restarts from the state after epoch {best + 1}, "
+            f"the best val mAP50-95 before the no-aug tail"
+        )

@@ -1,10 +1,12 @@
-"""DEIM's batch mixup ("Dense O2O"): blend each image of a collated batch with its neighbour and keep both box sets."""
+"""Augmentation of collated batches: DEIM's batch mixup ("Dense O2O", each image blended with its neighbour, both box
+sets kept) and the multi-scale resize (one size per batch)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 MIXUP_LOW = 0.45
 MIXUP_HIGH = 0.55
@@ -57,3 +59,11 @@ def batch_mixup(
     out["bboxes"] = torch.cat([batch["bboxes"], batch["bboxes"]])[order]
     out["mixup"] = w
     return out
+
+
+def resize_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    """`batch` with its images (B, C, H, W) resized to (size, size), nearest as the authors' collate does
+    (`F.interpolate`'s default); boxes are normalised, so they stay. Unchanged when the images have that size."""
+    if size != batch["img"].shape[-1]:
+        batch["img"] = nn.functional.interpolate(batch["img"], size=(size, size), mode="nearest")
+    return batch
