@@ -21,7 +21,7 @@ import ultralytics
 from ultralytics.cfg import TASKS, check_dict_alignment, entrypoint, merge_equals_args, parse_key_value_pair
 from ultralytics.utils import ASSETS, DEFAULT_CFG_DICT, LOGGER
 
-from deim_ultra.cfg import CFG_DIR, DEIM_CFG_DICT, MODE_SETTINGS
+from deim_ultra.cfg import CFG_DIR, DEFAULT_MODEL, DEIM_CFG_DICT, MODE_SETTINGS
 from deim_ultra.checkpoints.zoo import ZOO
 from deim_ultra.data.audit import DatasetError
 from deim_ultra.nonfinite import DivergedError
@@ -120,7 +120,7 @@ def run(mode: str, overrides: dict) -> None:
         return
     from deim_ultra.model import DEIM
 
-    model = DEIM(overrides.pop("model", "deim-n.yaml"))
+    model = DEIM(overrides.pop("model", DEFAULT_MODEL))
     if mode in {"predict", "track"}:  # as `yolo` does: Ultralytics saves results by default only for its own command
         overrides.setdefault("save", True)
     if mode in {"predict", "track"} and "source" not in overrides:

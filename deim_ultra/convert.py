@@ -14,6 +14,7 @@ import torch
 from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML
 
+from deim_ultra.cfg import DEFAULT_MODEL
 from deim_ultra.checkpoints.read import read_checkpoint
 from deim_ultra.checkpoints.zoo import class_names, release_for_file
 from deim_ultra.class_transfer import class_dependent_keys
@@ -139,7 +140,7 @@ def official_yaml(state: dict[str, torch.Tensor], family: str = "deim") -> str:
 
 
 def convert_official(
-    src: str | Path | dict, model: str | Path = "deim-n.yaml", names: dict[int, str] | None = None
+    src: str | Path | dict, model: str | Path = DEFAULT_MODEL, names: dict[int, str] | None = None
 ) -> DEIM:
     """Build a DEIM model from an official DEIM / D-FINE checkpoint.
 

@@ -14,7 +14,7 @@ from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOGGER, YAML
 from ultralytics.utils.checks import check_yaml
 
-from deim_ultra.cfg import DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
+from deim_ultra.cfg import DEFAULT_MODEL, DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
 from deim_ultra.checkpoints.backbone import is_backbone_file, weights_dir
 from deim_ultra.checkpoints.safety import check_checkpoint
 from deim_ultra.checkpoints.zoo import ZOO, pretrained_path
@@ -70,7 +70,7 @@ class DEIM(Model):
         >>> model.export(format="onnx")
     """
 
-    def __init__(self, model: str | Path = "deim-n.yaml", task: str | None = None, verbose: bool = False) -> None:
+    def __init__(self, model: str | Path = DEFAULT_MODEL, task: str | None = None, verbose: bool = False) -> None:
         """Build a model from a DEIM YAML (a path or a shipped name) or load a DEIM checkpoint or export.
 
         Args:

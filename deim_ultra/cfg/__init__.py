@@ -9,6 +9,7 @@ from ultralytics.utils import DEFAULT_CFG_DICT, YAML
 from ultralytics.utils.checks import check_yaml
 
 CFG_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = "deim-n.yaml"  # what `DEIM()`, `deim train` and the converter build when given no model
 DEIM_DEFAULTS: dict = YAML.load(CFG_DIR / "default.yaml")
 DEIM_CFG_DICT: dict = {**DEFAULT_CFG_DICT, **DEIM_DEFAULTS}
 # The DEIM settings each mode reads (val, predict and track read none): `sampler` shapes exported graphs only.

@@ -17,7 +17,7 @@ from torch import nn
 from ultralytics.nn.tasks import RTDETRDetectionModel, yaml_model_load
 from ultralytics.utils import LOGGER
 
-from deim_ultra.cfg import deim_arg, resolve_model_yaml
+from deim_ultra.cfg import DEFAULT_MODEL, deim_arg, resolve_model_yaml
 from deim_ultra.class_transfer import (
     class_dependent_keys,
     copy_class_rows,
@@ -200,7 +200,7 @@ class DEIMDetectionModel(DEIMLoss, RTDETRDetectionModel):
     """
 
     def __init__(
-        self, cfg: str | Path | dict = "deim-n.yaml", ch: int = 3, nc: int | None = None, verbose: bool = True
+        self, cfg: str | Path | dict = DEFAULT_MODEL, ch: int = 3, nc: int | None = None, verbose: bool = True
     ):
         """Build the model from a DEIM YAML path or dict.
 
