@@ -1,22 +1,25 @@
 """Ultralytics' own test suite, run with a DEIM model in place of the YOLO detection model.
 
 The suite is not ours to commit: this script downloads the sdist of the installed Ultralytics version from PyPI at
-run time, rewrites its detection-model tests to DEIM (see REWRITES), builds local stand-ins for what those tests
+run time, rewrites its detection-model tests to DEIM (see `rewrites`), builds local stand-ins for what those tests
 would download, runs pytest on the result, and compares the failures with `ultralytics_suite_expected.yaml`: each
-expected failure with its reason (another task, a GPU, a download, or an Ultralytics limit its own RT-DETR shares).
+expected failure with its category and reason (another task, a GPU, a download, an Ultralytics limit its own RT-DETR
+shares, ...). `--family rtdetr` runs the same suite with Ultralytics' RT-DETR as the control of that last category.
 
 The rewrite, as a DEIM user would write the same code:
 - every `YOLO` the tests import is `deim_ultra.DEIM`, and the `yolo` command is `deim`;
 - the detection YAMLs (`yolo26n.yaml`, `yolo11n.yaml`, ...) are the path of the packaged `deim-n.yaml`;
 - the detection checkpoints the tests download (`yolo26n.pt`, `yolo11n.pt`, `yolo26s.pt`, the `path with spaces`
-  copy) are stand-in files: a DEIM-N with COCO's 80 class names and random weights (no COCO weights are available
-  offline), saved by `DEIM.save` under those names.
-- `coco8.yaml` finds a generated 8-image stand-in (synthetic shapes, COCO's names) where it would download COCO8.
+  copy) are copies of one stand-in: a DEIM-N training run's best.pt on synthetic shapes with COCO's 80 class names
+  (no COCO weights are available offline), see `make_standins`;
+- `coco8.yaml` finds a generated 8-image stand-in where it would download COCO8, and the solutions find generated
+  videos.
 Stock Ultralytics on DEIM files (`ultralytics.YOLO`, `yolo val`) is covered by tests/test_stock_ultralytics.py.
 
-Usage (about 25 minutes on 2 CPU cores; not part of CI, see docs/benchmarks.md):
-    python benchmarks/ultralytics_suite.py --work /tmp/ultralytics-suite [-k EXPR] [--workers N]
-Exit status 1 when a failure is not in the expected list or an expected failure passed.
+Usage (about 7 minutes on 2 CPU cores, the RT-DETR control about 13; not part of CI, see docs/benchmarks.md):
+    python benchmarks/ultralytics_suite.py --work /tmp/ultralytics-suite [--family rtdetr] [-k EXPR]
+Exit status 1 when a failure is not in the expected list, a listed test passes, a listed kind is never seen, or a
+"shared by RT-DETR" failure passes in the control run (when its results are in the work folder).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -84,8 +88,6 @@ def fetch_tests(work: Path, version: str) -> Path:
         )  # fmt: skip
     tests = work / "tests"
     if tests.exists():
-        import shutil
-
         shutil.rmtree(tests)
     with tarfile.open(sdist) as tar:
         prefix = f"ultralytics-{version}/tests/"
@@ -137,8 +139,6 @@ def make_standins(work: Path, family: str) -> None:
     the stand-in videos; it detects nothing in COCO photos (bus.jpg), which is what the tests needing COCO weights
     show. `coco8.yaml` (Ultralytics' own file, `path: coco8`) finds 4 + 4 such images in the datasets folder.
     """
-    import shutil
-
     import cv2
     from ultralytics.utils import ROOT, YAML
 
@@ -251,7 +251,6 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/ultralytics-suite"), help="work folder (absolute)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="deim", help="rtdetr: the control run")
     parser.add_argument("-k", default=None, help="pytest -k expression, to run part of the suite")
-    parser.add_argument("--workers", type=int, default=0, help="pytest-xdist processes (0: none)")
     args = parser.parse_args()
     work = args.work.resolve() / args.family
     work.mkdir(parents=True, exist_ok=True)
@@ -262,13 +261,11 @@ def main() -> int:
     from deim_ultra.cfg import CFG_DIR
 
     SETTINGS.update(weights_dir=str(work / "weights"), datasets_dir=str(work / "datasets"), runs_dir=str(work / "runs"))
-    fetch_tests(work, __version__)
+    tests = fetch_tests(work, __version__)
     detection_yaml = FAMILIES[args.family][2].replace("{deim_yaml}", str(CFG_DIR / "deim-n.yaml"))
-    rewrite(work / "tests", args.family, detection_yaml)
+    rewrite(tests, args.family, detection_yaml)
     make_standins(work, args.family)
     extra = ["-k", args.k] if args.k else []
-    if args.workers:
-        extra += ["-n", str(args.workers)]
     results = run_suite(work, detection_yaml, extra)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     if args.family != "deim":
