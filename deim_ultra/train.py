@@ -22,81 +22,32 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ultralytics.cfg import cfg2dict
 from ultralytics.models.rtdetr.train import RTDETRTrainer
 from ultralytics.models.rtdetr.val import RTDETRDataset
-from ultralytics.nn.tasks import RTDETRDetectionModel
 from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, WORLD_SIZE, colorstr
 from ultralytics.utils.patches import override_configs
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
 from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, ultralytics_args
 from deim_ultra.checkpoints.atomic import drop_results_after, publish, strip_atomically
-from deim_ultra.checkpoints.backbone import backbone_weights, is_backbone_file
+from deim_ultra.checkpoints.backbone import init_backbone, is_backbone_file
+from deim_ultra.checkpoints.read import check_pretrained_model, check_resumable
 from deim_ultra.checkpoints.safety import check_checkpoint
 from deim_ultra.data.audit import DatasetError, LabelAudit, check_training_set, with_one_based_hint
 from deim_ultra.data.batch_transforms import batch_mixup, resize_batch
 from deim_ultra.data.coco_dataset import COCODEIMDataset, COCORTDETRDataset, is_coco_split
 from deim_ultra.data.coco_layout import coco_data
 from deim_ultra.data.dataset import DEIMDataset, rtdetr_style_dataset
+from deim_ultra.data.stages import stage_augmentation
 from deim_ultra.distributed import in_process_group
-from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.frozen_norm import freeze_batchnorm
-from deim_ultra.nn.hgnetv2 import HGStage, HGStem, load_hgnetv2_pretrained
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.nonfinite import NonFiniteSteps, restore_buffers
 from deim_ultra.official_names import official_namer
 from deim_ultra.random_streams import untouched_random_streams
 from deim_ultra.recipe import hooks as recipe_hooks
 from deim_ultra.recipe.optim import build_adamw, official_param_groups, param_groups
-from deim_ultra.recipe.schedule import (
-    check_policy,
-    ema_decay,
-    multiscale_sizes,
-)
+from deim_ultra.recipe.schedule import check_policy, ema_decay, multiscale_sizes
 from deim_ultra.recipe.settings import recipe_overrides
 from deim_ultra.val import DEIMValidator
-
-
-def backbone_layers(model: nn.Module) -> tuple[HGStem, list[HGStage]]:
-    """The HGNetv2 stem and stages of a DEIM model, in order."""
-    stem = next(m for m in model.model if isinstance(m, HGStem))
-    return stem, [m for m in model.model if isinstance(m, HGStage)]
-
-
-def backbone_modules(model: nn.Module) -> list[nn.Module]:
-    """Layers that get the backbone learning rate: those of the YAML's `backbone` section."""
-    return list(model.model[: len(model.yaml["backbone"])])
-
-
-def check_pretrained_model(weights: nn.Module | dict, pretrained: bool | str | Path) -> None:
-    """Refuse weights whose model is not a DEIM or RT-DETR one: Ultralytics would transfer none of their layers and
-    train from random weights after logging "Transferred 0/N items"."""
-    source = weights["model"] if isinstance(weights, dict) else weights
-    if not isinstance(source, RTDETRDetectionModel):
-        raise TypeError(
-            f"pretrained={pretrained} holds a {type(source).__name__}, not a DEIM or RT-DETR model, so none of its "
-            "layers fit. Fix: a DEIM checkpoint, the backbone's ImageNet .pth, pretrained=True or pretrained=False"
-        )
-
-
-def check_resumable(ckpt: dict, path: str | Path) -> None:
-    """Raise unless checkpoint `ckpt` (read from `path`) still holds its optimizer state, i.e. its run can go on."""
-    if ckpt.get("optimizer") is None:
-        raise ValueError(
-            f"'{path}' holds no optimizer state (a finished run's checkpoint, or a converted model): nothing to "
-            f"resume. Fix: start a new run, DEIM('{path}').train(data=...), or resume an unfinished run's last.pt"
-        )
-
-
-def freeze_constants(model: nn.Module) -> None:
-    """Re-freeze the decoder's fixed FDR constants (`up`, `reg_scale`), which Ultralytics' set-up unfreezes."""
-    for m in model.modules():
-        if isinstance(m, DFINEDecoder):
-            m.up.requires_grad_(False)
-            m.reg_scale.requires_grad_(False)
-
-
-def constant_lr(_: int) -> float:
-    """Ultralytics' per-epoch scheduler is neutralised: FlatCosine sets the lr every iteration."""
-    return 1.0
 
 
 def on_train_epoch_end(trainer: DEIMTrainer) -> None:
@@ -113,11 +64,9 @@ class DEIMTrainer(RTDETRTrainer):
     """Trains DEIM models (and Ultralytics RT-DETR models) with DEIM's criterion and, optionally, its recipe."""
 
     def __init__(self, cfg: dict = DEIM_CFG_DICT, overrides: dict | None = None, _callbacks: dict | None = None):
-        """Validate `overrides` against Ultralytics' and DEIM's keys, completed with the recipe's defaults.
-
-        Ultralytics' DDP workers rebuild the trainer from its pickled args and callbacks with Ultralytics' own default
-        cfg, so DEIM's defaults are merged in here and the recipe's callbacks are added only where absent.
-        """
+        """DEIM's settings and the recipe's defaults join Ultralytics' before it validates them; the recipe's hooks."""
+        # Ultralytics' DDP workers rebuild the trainer from its pickled args and callbacks with Ultralytics' own
+        # default cfg: DEIM's defaults are merged in here, and callbacks are added only where absent.
         cfg = {**DEIM_CFG_DICT, **cfg2dict(cfg)}
         super().__init__(cfg=cfg, overrides=recipe_overrides(overrides or {}), _callbacks=_callbacks)
         if LOCAL_RANK != -1:  # one of WORLD_SIZE processes started by torchrun: on CPU Ultralytics counts none, and
@@ -144,11 +93,9 @@ class DEIMTrainer(RTDETRTrainer):
                 self.add_callback(event, callback)
 
     def _setup_ddp(self) -> None:
-        """Ultralytics' DDP set-up on accelerators; on CPU a gloo process group (see `deim_ultra.distributed`).
-
-        On CPU the trainer counts one process until `_build_train_pipeline`: Ultralytics' `_setup_train` would wrap
-        the model for a device index, which DistributedDataParallel refuses for a CPU model.
-        """
+        """Ultralytics' set-up needs an accelerator: on CPU, a gloo process group (see `deim_ultra.distributed`)."""
+        # On CPU the trainer counts one process until `_build_train_pipeline`: Ultralytics' `_setup_train` would wrap
+        # the model for a device index, which DistributedDataParallel refuses for a CPU model.
         if self.device.type != "cpu":
             return super()._setup_ddp()
         if self.batch_size % self.world_size:  # Ultralytics refuses this for GPUs in select_device
@@ -165,8 +112,7 @@ class DEIMTrainer(RTDETRTrainer):
         return None
 
     def check_resume(self, overrides: dict) -> None:
-        """Ultralytics' resume, then every DEIM setting the checkpoint predates at its default, so a run saved by an
-        earlier deim-ultra resumes as it was started (Ultralytics rebuilds the settings from its own defaults only)."""
+        """Ultralytics rebuilds only its own settings: DEIM settings a checkpoint predates resume at their defaults."""
         super().check_resume(overrides)
         for key, value in DEIM_DEFAULTS.items():
             if key not in vars(self.args):
@@ -175,8 +121,8 @@ class DEIMTrainer(RTDETRTrainer):
             check_resumable(torch.load(self.args.resume, map_location="cpu", weights_only=False), self.args.resume)
 
     def resume_training(self, ckpt: dict | None) -> None:
-        """Ultralytics' resume, with results.csv cut back to the epochs `ckpt` holds: the tail restart reads the
-        per-epoch mAPs from that file, and an epoch whose row was written before its checkpoint is trained again."""
+        """results.csv cut back to the epochs `ckpt` holds: the tail restart reads its per-epoch mAPs."""
+        # An epoch whose row was written before its checkpoint is trained again, and would otherwise have two rows.
         super().resume_training(ckpt)
         if ckpt is None or not self.resume or RANK not in {-1, 0}:
             return
@@ -190,8 +136,7 @@ class DEIMTrainer(RTDETRTrainer):
         return self.args.recipe != "none"
 
     def get_dataset(self) -> dict:
-        """A COCO json dataset's data dict (`deim_ultra.data.coco_layout`), or Ultralytics' dataset check with its
-        errors (a missing folder, a failed download) raised as `DatasetError`."""
+        """Ultralytics reads no COCO json (`deim_ultra.data.coco_layout`), and its errors name no file: DatasetError."""
         data = coco_data(self.args.data)
         if data is None:
             try:
@@ -204,45 +149,26 @@ class DEIMTrainer(RTDETRTrainer):
         return data
 
     def set_model_attributes(self):
-        """Ultralytics' attributes, plus the data's COCO category ids (None for YOLO labels), which checkpoints and
-        exports carry so that predictions can be mapped back to the dataset's ids."""
+        """Checkpoints and exports carry the COCO category ids (None for YOLO labels), to map predictions back."""
         super().set_model_attributes()
         self.model.category_ids = self.data.get("category_ids")
 
     def get_model(self, cfg: str | dict | None = None, weights: nn.Module | None = None, verbose: bool = True):
-        """Build the model for the dataset's classes (DEIM or Ultralytics RT-DETR layers), loading `weights`."""
+        """Ultralytics builds RT-DETR layers only: build DEIM's, start from ImageNet weights, freeze norms if asked."""
         model = build_detection_model(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
         model = self.set_model_names_for_load(model)
         if weights:
             check_pretrained_model(weights, self.args.pretrained)
             model.load(weights)
         elif isinstance(model, DEIMDetectionModel):
-            self.init_backbone(model)
-        if self.args.freeze_norm:
-            self.freeze_backbone_norm(model)
+            init_backbone(model, self.args.pretrained)
+        if self.args.freeze_norm:  # after loading, so the frozen layers hold the weights the run starts from
+            frozen = sum(freeze_batchnorm(m) for m in model.backbone_modules())
+            LOGGER.info(f"freeze_norm: {frozen} backbone BatchNorm layers frozen (fixed statistics and affine)")
         return model
 
-    @staticmethod
-    def freeze_backbone_norm(model: nn.Module) -> None:
-        """`freeze_norm`: the backbone's BatchNorm layers become frozen ones, after the weights they start from."""
-        frozen = sum(freeze_batchnorm(m) for m in backbone_modules(model))
-        LOGGER.info(f"freeze_norm: {frozen} backbone BatchNorm layers frozen (fixed statistics and affine)")
-
-    def init_backbone(self, model: DEIMDetectionModel) -> None:
-        """Load the ImageNet HGNetv2 weights that `pretrained` asks for (see `deim_ultra.checkpoints.backbone`)."""
-        path = backbone_weights(self.args.pretrained, model.yaml.get("backbone_weights"))
-        if path is None:
-            LOGGER.info(f"Backbone starts from random weights (pretrained={self.args.pretrained})")
-            return
-        load_hgnetv2_pretrained(*backbone_layers(model), path)
-        LOGGER.info(f"Backbone initialised from ImageNet weights '{path}'")
-
     def setup_model(self):
-        """Ultralytics' set-up, except that a `.pth` in `pretrained` is the backbone's file, not a checkpoint.
-
-        Ultralytics' `setup_model` opens any string `pretrained` as a full `.pt` checkpoint, so a backbone file is
-        handled here: the model is built from its YAML and `get_model` loads the backbone.
-        """
+        """Ultralytics opens any `pretrained` path as a `.pt` checkpoint: a `.pth` is the backbone's file instead."""
         if (
             isinstance(self.args.pretrained, str)
             and Path(self.args.pretrained).suffix == ".pt"
@@ -260,11 +186,8 @@ class DEIMTrainer(RTDETRTrainer):
         return None
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
-        """DEIM's staged training set under a recipe; Ultralytics' RT-DETR dataset otherwise and for validation;
-        either reading a COCO json split's labels from the json.
-
-        The training set is audited before training starts (`deim_ultra.data.audit`).
-        """
+        """DEIM's staged training set, COCO json splits, and the training set's audit (`deim_ultra.data.audit`)."""
+        # Ultralytics' RT-DETR dataset stays for validation and under recipe=none.
         coco = is_coco_split(self.data, img_path)
         if mode == "train" and self.recipe_active:
             dataset_class = COCODEIMDataset if coco else DEIMDataset
@@ -282,21 +205,19 @@ class DEIMTrainer(RTDETRTrainer):
         return dataset
 
     def get_validator(self) -> DEIMValidator:
-        """DEIM's validator (Ultralytics' RT-DETR one reading COCO json), given only the settings it knows."""
+        """Ultralytics' RT-DETR validator reads no COCO json and refuses DEIM's settings: DEIM's, with its own."""
         return DEIMValidator(
             self.test_loader, save_dir=self.save_dir, args=copy(ultralytics_args(self.args)), _callbacks=self.callbacks
         )
 
     def validate(self):
-        """Ultralytics' validation, leaving the global random streams to the training data (see
-        `deim_ultra.random_streams`): with a fixed seed, a run trains on the same batches whatever `val` is."""
+        """Validation leaves the random streams to training (`deim_ultra.random_streams`): same batches, any `val`."""
         with untouched_random_streams(self.device):
             return super().validate()
 
     def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
-        """AdamW with DEIM's parameter groups and `momentum` as beta1 under a recipe; Ultralytics' choice otherwise."""
+        """The recipe's AdamW with the authors' parameter groups, `momentum` as beta1; Ultralytics' with recipe=none."""
         model = unwrap_model(model)  # the groups are found by the model's own names, not the DDP wrapper's
-        freeze_constants(model)
         if not self.recipe_active:
             return super().build_optimizer(model, name, lr, momentum, decay, iterations)
         if isinstance(model, DEIMDetectionModel):
@@ -304,7 +225,7 @@ class DEIMTrainer(RTDETRTrainer):
                 model, official_namer(model), self.args.recipe, lr, self.args.backbone_lr, decay
             )
         else:
-            groups = param_groups(model, lr, self.args.backbone_lr, decay, backbone=backbone_modules(model))
+            groups = param_groups(model, lr, self.args.backbone_lr, decay, backbone=model.backbone_modules())
         optimizer = build_adamw(groups, lr=lr, weight_decay=decay, betas=(momentum, 0.999))
         LOGGER.info(
             f"{colorstr('optimizer:')} AdamW(lr={lr}, backbone lr={self.args.backbone_lr}, betas=({momentum}, 0.999), "
@@ -313,9 +234,9 @@ class DEIMTrainer(RTDETRTrainer):
         return optimizer
 
     def _build_train_pipeline(self):
-        """Ultralytics' loaders and optimizer; under a recipe nbs is the batch size in use (after AutoBatch or an OOM
-        halving), so Ultralytics neither accumulates gradients nor rescales the weight decay. On CPU under torchrun
-        the model is wrapped for DDP here, without device ids (see `_setup_ddp`)."""
+        """The recipe steps every batch at its own weight decay (nbs = batch); CPU DDP wraps here (see `_setup_ddp`)."""
+        # nbs is the batch size in use, after AutoBatch or an OOM halving: Ultralytics then neither accumulates
+        # gradients nor rescales the weight decay. The CPU model is wrapped without device ids.
         if self.device.type == "cpu" and in_process_group() and not isinstance(self.model, DDP):
             self.world_size = dist.get_world_size()
             self.model = DDP(self.model, find_unused_parameters=True)
@@ -324,31 +245,27 @@ class DEIMTrainer(RTDETRTrainer):
         super()._build_train_pipeline()
 
     def _setup_scheduler(self):
-        """Under a recipe the lr is set per iteration (FlatCosine); the epoch scheduler only records initial_lr.
-
-        Ultralytics calls this again each time `time=` re-estimates the epochs, so the policy is (re)placed here.
-        """
+        """The recipe sets the lr per iteration (FlatCosine); the epoch scheduler only records initial_lr."""
+        # Ultralytics calls this again each time `time=` re-estimates the epochs, so the policy is (re)placed here.
         if not self.recipe_active:
             return super()._setup_scheduler()
         recipe_hooks.set_policy(self)
-        self.lf = constant_lr
+        self.lf = recipe_hooks.constant_lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
 
     def _close_dataloader_mosaic(self):
-        """Under a recipe, `close_mosaic` has already ended the Dense O2O stage early (`set_policy`); Ultralytics'
-        own switch would replace the stage's pipeline."""
+        """Under a recipe `close_mosaic` moved the end of Dense O2O (`set_policy`); this switch would replace stages."""
         if not self.recipe_active:
             super()._close_dataloader_mosaic()
 
     def _setup_train(self):
-        """Ultralytics' set-up, then the recipe's EMA warm-up."""
+        """The recipe's EMA warm-up replaces Ultralytics' decay ramp."""
         super()._setup_train()
         if self.recipe_active:
             self.ema.decay = partial(ema_decay, decay=self.args.ema_decay, tau=self.args.ema_tau)
 
     def save_model(self) -> bool:
-        """Ultralytics' checkpoints (last.pt, best.pt, epoch*.pt), written into a staging folder beside weights/ and
-        then renamed into it one by one, so a kill while saving leaves the previous checkpoints intact."""
+        """Ultralytics writes checkpoints in place: a staging folder, renamed in, so a kill mid-save loses nothing."""
         wdir, last, best = self.wdir, self.last, self.best
         staging = wdir.with_name(f".{wdir.name}.saving")
         self.wdir, self.last, self.best = staging, staging / last.name, staging / best.name
@@ -360,7 +277,7 @@ class DEIMTrainer(RTDETRTrainer):
         return saved
 
     def final_eval(self) -> None:
-        """Ultralytics' final evaluation, with its optimizer strip of last.pt and best.pt written atomically.
+        """Ultralytics strips last.pt and best.pt in place: here atomically; no final validation in CPU DDP.
 
         Repeats `BaseTrainer.final_eval` (Ultralytics 8.4.190, ultralytics/engine/trainer.py lines 1005-1022;
         tests/test_upstream_copies.py notices a change there) because there `strip_optimizer(self.last)` rewrites the
@@ -390,25 +307,26 @@ class DEIMTrainer(RTDETRTrainer):
         self.epoch -= 1
 
     def preprocess_batch(self, batch: dict) -> dict:
-        """Ultralytics' preprocessing, then batch mixup in the Dense O2O stage and one random size per batch."""
+        """The stage's batch transforms (`deim_ultra.data.stages`) replace Ultralytics' multi-scale."""
         self.batch_files = tuple(batch.get("im_file", ()))
         if not self.recipe_active:
             return super().preprocess_batch(batch)
         with override_configs(self.args, {"multi_scale": 0.0}):  # DEIM's multi-scale below replaces Ultralytics'
             batch = super().preprocess_batch(batch)
-        if self.stage == "dense_o2o":
+        augmentation = stage_augmentation(self.stage)
+        if augmentation.mosaic:
             batch = batch_mixup(batch, generator=self.mixup_rng, p=self.args.mixup)
-        if self.stage != "no_aug":  # one size per batch; [imgsz] alone when multi-scale is off
+        if augmentation.multi_scale:  # one size per batch; [imgsz] alone when multi-scale is off
             sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat, self.args.multi_scale)
             batch = resize_batch(batch, self.scale_rng.choice(sizes))
         return batch
 
     def optimizer_step(self):
-        """Ultralytics' step, skipped when the loss or the gradient is not finite (see `deim_ultra.nonfinite`).
+        """A step whose loss or gradient is not finite is skipped (`deim_ultra.nonfinite`), and the recipe's clip.
 
         Repeats `BaseTrainer.optimizer_step` (Ultralytics 8.4.190, ultralytics/engine/trainer.py lines 909-920;
         tests/test_upstream_copies.py notices a change there) because the check needs the gradient norm that
-        Ultralytics' clipping computes and drops. Changed: the clip is the recipe's `clip_max_norm` (0.1), or
+        Ultralytics' clipping computes and drops. Changed: the clip is the recipe's `clip_max_norm`, or
         Ultralytics' fixed 10.0 with `recipe=none`; the skip and the EMA-buffer restore.
         """
         self.scaler.unscale_(self.optimizer)

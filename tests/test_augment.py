@@ -19,13 +19,14 @@ from ultralytics.utils.instance import Instances
 
 from deim_ultra.data.augment import (
     MOSAIC_FLAG,
-    STAGES,
     DEIMMosaic,
     TorchvisionTransform,
     deim_transforms,
 )
 from deim_ultra.data.batch_transforms import batch_mixup
 from deim_ultra.data.dataset import DEIMDataset
+from deim_ultra.data.stages import STAGE_AUGMENTATION
+from deim_ultra.recipe.schedule import STAGES
 from deim_ultra.recipe.tables import MIXUP_P
 
 # RGB colour of class k; none is within COLOUR_TOL of another, of the grey background or of the black border fill
@@ -196,6 +197,10 @@ def test_augmentation_parameters_of_dense_o2o():
 def test_mosaic_probability_follows_deim_setting():
     compose = deim_transforms(RectangleDataset(), 640, "dense_o2o", hyp_with(mosaic=0.25))
     assert compose.transforms[0].p == 0.25
+
+
+def test_every_stage_of_the_schedule_has_its_augmentation():
+    assert list(STAGE_AUGMENTATION) == list(STAGES)
 
 
 def test_unknown_stage_is_rejected(dataset):

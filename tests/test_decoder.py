@@ -12,10 +12,26 @@ from ultralytics.nn.modules.head import RTDETRDecoder
 from deim_ultra.nn.decoder import DFINEDecoder, anchor_logits
 from deim_ultra.nn.fdr import weighting_function
 
-N_ARGS = dict(nc=80, hidden_dim=128, ffn_dim=512, num_layers=3, num_points=[6, 6], feat_strides=[16, 32])
+# deim-n.yaml's decoder row: nc, hidden, ffn, layers, points, queries, denoising, noise, reg_max, reg_scale, ...
+N_ARGS = dict(
+    nc=80,
+    hidden_dim=128,
+    ffn_dim=512,
+    num_layers=3,
+    num_points=[6, 6],
+    num_queries=300,
+    num_denoising=100,
+    label_noise_ratio=0.5,
+    box_noise_scale=1.0,
+    reg_max=32,
+    reg_scale=4.0,
+    eval_idx=-1,
+    act="silu",
+    feat_strides=[16, 32],
+)
 # Official decoder parameters from the fixture (state dict minus the anchors/valid_mask buffers), less the 3 x 12
-# num_points_scale entries (buffers here) and the second copy of the shared up/reg_scale, plus the denoising embedding.
-N_TRAIN_PARAMS = 1_218_143 - 36 - 2 + 81 * 128
+# num_points_scale entries and both copies of the shared up/reg_scale (buffers here), plus the denoising embedding.
+N_TRAIN_PARAMS = 1_218_143 - 36 - 4 + 81 * 128
 N_DEPLOY_DROP = 2 * (128 * 80 + 80) + 2 * (20 * 64 + 64 + 64 + 1)  # score heads and LQEs of layers 0 and 1
 
 
@@ -248,7 +264,8 @@ def test_weighting_function(reg_scale: float):
 
 
 def test_input_projection_only_where_widths_differ():
-    model = DFINEDecoder([384, 256, 384], hidden_dim=256, num_layers=1, num_denoising=0)
+    three_levels = dict(hidden_dim=256, num_layers=1, num_denoising=0, num_points=[3, 6, 3], feat_strides=[8, 16, 32])
+    model = DFINEDecoder([384, 256, 384], **{**N_ARGS, **three_levels})
     keys = model.state_dict().keys()
     assert {"input_proj.0.conv.weight", "input_proj.0.norm.running_mean", "input_proj.2.conv.weight"} <= keys
     assert not any(k.startswith("input_proj.1.") for k in keys)

@@ -11,7 +11,6 @@ import torch
 from ultralytics.models.utils.ops import get_cdn_group
 
 from deim_ultra.loss import (
-    DEIMCriterion,
     HungarianMatcher,
     denoising_indices,
     distance_bins,
@@ -21,6 +20,16 @@ from deim_ultra.loss import (
     union_indices,
     vfl_loss,
 )
+from deim_ultra.loss.criterion import DEIMCriterion
+from deim_ultra.nn.tasks import DEIMDetectionModel
+
+
+def criterion(nc: int, **args) -> DEIMCriterion:
+    """The criterion a DEIM-N model of `nc` classes builds for training with settings `args`, the shipped defaults
+    (deim_ultra/cfg/default.yaml) for the rest."""
+    model = DEIMDetectionModel("deim-n.yaml", nc=nc, verbose=False)
+    model.args = args
+    return model.init_criterion()
 
 
 def sigmoid(x: float) -> float:
@@ -42,7 +51,8 @@ def official(parity_fixture: dict) -> tuple[dict, list[dict]]:
 
 def test_parity_with_official_terms(official):
     data, targets = official
-    crit = DEIMCriterion(80, weights=data["loss_weights"], mal_gamma=data["mal_gamma"])
+    weights = {name.removeprefix("loss_"): w for name, w in data["loss_weights"].items()}
+    crit = DEIMCriterion(80, weights, "mal", data["mal_gamma"], reg_max=32, o2m=False)
     losses = crit(data["outputs"], targets)
     ref = data["loss_terms"]
     assert list(losses) == list(ref)
@@ -53,10 +63,18 @@ def test_parity_with_official_terms(official):
     assert crit.last_pos_per_img == pytest.approx(5.5)
 
 
+def test_shipped_settings_are_the_authors(official):
+    data, _ = official
+    crit = criterion(80)
+    assert crit.gamma == data["mal_gamma"]
+    authors = {name.removeprefix("loss_"): w for name, w in data["loss_weights"].items()}
+    assert crit.weights == {name: w for name, w in authors.items() if name != "vfl"}
+
+
 def test_class_loss_names_follow_cls_loss(official):
     data, targets = official
     for kind in ("vfl", "focal"):
-        losses = DEIMCriterion(80, cls_loss=kind)(data["outputs"], targets)
+        losses = criterion(80, cls_loss=kind)(data["outputs"], targets)
         expected = {n.replace("loss_mal", f"loss_{kind}") for n in data["loss_terms"]}
         assert set(losses) == expected
         assert losses[f"loss_{kind}"].item() != pytest.approx(float(data["loss_terms"]["loss_mal"]), rel=1e-3)
@@ -65,7 +83,7 @@ def test_class_loss_names_follow_cls_loss(official):
 def test_eval_outputs_give_only_final_terms(official):
     data, targets = official
     outputs = {k: data["outputs"][k] for k in ("pred_logits", "pred_boxes")}
-    losses = DEIMCriterion(80, mal_gamma=data["mal_gamma"])(outputs, targets)
+    losses = criterion(80)(outputs, targets)
     assert set(losses) == {"loss_mal", "loss_bbox", "loss_giou"}
     # The class term uses the layer's own matching and num_boxes, exactly as in training.
     assert losses["loss_mal"].item() == pytest.approx(float(data["loss_terms"]["loss_mal"]), rel=1e-4)
@@ -80,7 +98,7 @@ def test_mal_hand_computed_through_criterion():
         "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]]]),
     }
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.1]])}]
-    losses = DEIMCriterion(1, mal_gamma=gamma)(outputs, targets)
+    losses = criterion(1, mal_gamma=gamma)(outputs, targets)
     positive = bce(x_pos, q**gamma)  # weight 1, target q**gamma
     negative = sigmoid(x_neg) ** gamma * -math.log(1 - sigmoid(x_neg))  # weight p**gamma, target 0
     assert losses["loss_mal"].item() == pytest.approx(positive + negative, rel=1e-5)
@@ -238,7 +256,7 @@ def test_denoising_terms_names_and_normalisation():
     outputs["dn_pre_outputs"] = {"pred_logits": torch.randn(bs, num_dn, nc), "pred_boxes": dn[0]["pred_boxes"]}
     outputs["dn_meta"] = meta
 
-    losses = DEIMCriterion(nc)(outputs, targets)
+    losses = criterion(nc)(outputs, targets)
     dn_names = {n for n in losses if "_dn_" in n}
     per_layer = ("mal", "bbox", "giou", "fgl", "ddf")
     assert dn_names == {f"loss_{t}_dn_{i}" for i in range(2) for t in per_layer} | {
@@ -282,7 +300,7 @@ def test_one_to_many_assignment_threshold_and_topk():
     ((q, g),) = one_to_many_assign(logits, boxes, targets)
     assert sorted(q.tolist()) == [0, 1, 2, 3, 4, 5] and g.tolist() == [0] * 6  # top-6 of the 8 with IoU >= 0.4
 
-    crit = DEIMCriterion(2, o2m=True)
+    crit = criterion(2, o2m=True)
     losses = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
     assert {"loss_mal_o2m", "loss_bbox_o2m", "loss_giou_o2m"} <= set(losses)
     l1 = sum(0.2 * (1 - r) for r in ious[:6])
@@ -297,7 +315,7 @@ def test_non_finite_term_reaches_the_total():
     outputs = _training_dict(_layers(1, 6, 2))
     outputs["aux_outputs"][0]["pred_corners"] = torch.full_like(outputs["pred_corners"], float("nan"))
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    losses = DEIMCriterion(2)(outputs, targets)
+    losses = criterion(2)(outputs, targets)
     assert losses["loss_fgl_aux_0"].isnan() and losses["loss_ddf_aux_0"].isnan()
     assert torch.isfinite(losses["loss_fgl"]) and losses["loss_fgl"] > 0
     assert sum(losses.values()).isnan()
@@ -321,7 +339,7 @@ def test_each_class_loss_gets_its_own_recipe_gamma(cls_loss, gamma):
     x_neg = 1.2  # one confident query, no GT in the image: a pure negative, loss = weight * -log(1 - p)
     outputs = {"pred_logits": torch.tensor([[[x_neg]]]), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])}
     targets = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
-    losses = DEIMCriterion(1, cls_loss=cls_loss, mal_gamma=1.5)(outputs, targets)
+    losses = criterion(1, cls_loss=cls_loss)(outputs, targets)
     p = sigmoid(x_neg)
     alpha = {"mal": 1.0, "vfl": 0.75, "focal": 1 - 0.75}[cls_loss]
     expected = alpha * p**gamma * -math.log(1 - p)
@@ -352,8 +370,8 @@ def test_criterion_computes_in_float32_from_half_precision_outputs(dtype, autoca
 
     half = cast(outputs)
     with torch.autocast("cpu", dtype=autocast_dtype):
-        in_autocast = DEIMCriterion(3)(half, targets)
-    reference = DEIMCriterion(3)(as_float32(half), targets)
+        in_autocast = criterion(3)(half, targets)
+    reference = criterion(3)(as_float32(half), targets)
     assert in_autocast.keys() == reference.keys()
     for name, value in in_autocast.items():
         assert value.dtype == torch.float32, name

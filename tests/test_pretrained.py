@@ -8,7 +8,6 @@ from ultralytics.utils import SETTINGS
 
 from deim_ultra import DEIM
 from deim_ultra.nn.tasks import DEIMDetectionModel
-from deim_ultra.train import backbone_layers
 
 from helpers import deim_cli, official_state
 
@@ -19,7 +18,7 @@ WARNING = "pretrained=True: ImageNet backbone PPHGNetV2_B0_stage1.pth is not in"
 def write_backbone_file(path: Path, yaml: str = "deim-n.yaml", seed: int = 1) -> dict[str, torch.Tensor]:
     """Save a backbone in the authors' `PPHGNetV2_B*_stage1.pth` layout (with a classifier head); return its state."""
     torch.manual_seed(seed)
-    state = official_state(*backbone_layers(DEIMDetectionModel(yaml, verbose=False)))
+    state = official_state(*DEIMDetectionModel(yaml, verbose=False).hgnetv2_layers())
     torch.save({**state, "head.fc.weight": torch.zeros(1000, 2048)}, path)
     return state
 
@@ -29,7 +28,7 @@ def train_capturing_backbone(tmp_path: Path, tiny_data: Path, **kwargs) -> dict[
     model, captured = DEIM("deim-n.yaml"), {}
 
     def capture(trainer) -> None:
-        state = official_state(*backbone_layers(trainer.model))
+        state = official_state(*trainer.model.hgnetv2_layers())
         captured.update({k: v.detach().clone() for k, v in state.items()})
 
     model.add_callback("on_pretrain_routine_end", capture)

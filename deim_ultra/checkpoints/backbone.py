@@ -10,9 +10,15 @@ publishes no checksum, so none is checked; instead the file must fit the backbon
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ultralytics.utils import LOGGER, SETTINGS, is_online
 from ultralytics.utils.downloads import safe_download
+
+from deim_ultra.nn.hgnetv2 import load_hgnetv2_pretrained
+
+if TYPE_CHECKING:
+    from deim_ultra.nn.tasks import DEIMDetectionModel
 
 RELEASE_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0"
 
@@ -67,3 +73,13 @@ def backbone_weights(pretrained: object, name: str | None) -> Path | None:
         f"random weights. Fix: download {url} to {path}, or pass pretrained=path/to/{name}"
     )
     return None
+
+
+def init_backbone(model: DEIMDetectionModel, pretrained: object) -> None:
+    """Load into `model`'s HGNetv2 layers the ImageNet file that `pretrained` asks for (see `backbone_weights`)."""
+    path = backbone_weights(pretrained, model.yaml.get("backbone_weights"))
+    if path is None:
+        LOGGER.info(f"Backbone starts from random weights (pretrained={pretrained})")
+        return
+    load_hgnetv2_pretrained(*model.hgnetv2_layers(), path)
+    LOGGER.info(f"Backbone initialised from ImageNet weights '{path}'")

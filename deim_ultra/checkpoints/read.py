@@ -1,10 +1,13 @@
-"""Reading weight files from disk with errors that name the file, shared by the converter and the backbone loader."""
+"""Reading weight files from disk with errors that name the file (shared by the converter and the backbone loader),
+and the checks that a loaded checkpoint suits what the trainer is asked to do with it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
+from ultralytics.nn.tasks import RTDETRDetectionModel
 
 from deim_ultra.checkpoints.safety import (
     PLAIN_TYPES,
@@ -64,3 +67,23 @@ def checkpoint_model_yaml(path: str | Path) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else None
     return dict(getattr(model, "yaml", None) or {})
+
+
+def check_pretrained_model(weights: nn.Module | dict, pretrained: object) -> None:
+    """Refuse weights whose model is not a DEIM or RT-DETR one: Ultralytics would transfer none of their layers and
+    train from random weights after logging "Transferred 0/N items"."""
+    source = weights["model"] if isinstance(weights, dict) else weights
+    if not isinstance(source, RTDETRDetectionModel):
+        raise TypeError(
+            f"pretrained={pretrained} holds a {type(source).__name__}, not a DEIM or RT-DETR model, so none of its "
+            "layers fit. Fix: a DEIM checkpoint, the backbone's ImageNet .pth, pretrained=True or pretrained=False"
+        )
+
+
+def check_resumable(ckpt: dict, path: str | Path) -> None:
+    """Raise unless checkpoint `ckpt` (read from `path`) still holds its optimizer state, i.e. its run can go on."""
+    if ckpt.get("optimizer") is None:
+        raise ValueError(
+            f"'{path}' holds no optimizer state (a finished run's checkpoint, or a converted model): nothing to "
+            f"resume. Fix: start a new run, DEIM('{path}').train(data=...), or resume an unfinished run's last.pt"
+        )

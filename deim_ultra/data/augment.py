@@ -27,10 +27,7 @@ from ultralytics.data.augment import BaseMixTransform, BaseTransform, Compose, F
 from ultralytics.utils import IterableSimpleNamespace
 from ultralytics.utils.instance import Instances
 
-from deim_ultra.recipe.schedule import STAGES
-
-MOSAIC_STAGES = ("dense_o2o",)  # stages with mosaic (and batch mixup)
-RANDOM_AUG_STAGES = ("dense_o2o", "aug")  # stages with photometric distortion, zoom-out and IoU-crop
+from deim_ultra.data.stages import stage_augmentation
 
 MOSAIC_DEGREES = 10.0
 MOSAIC_TRANSLATE = (0.1, 0.1)
@@ -42,13 +39,6 @@ IOU_CROP_P = 0.8
 MIN_BOX_SIZE = 1.0  # pixels, in both width and height
 FILL = 0  # pixel value of mosaic, affine and zoom-out borders
 MOSAIC_FLAG = "mosaic"  # labels key set by DEIMMosaic on the samples it changed
-
-
-def check_stage(stage: str) -> str:
-    """Return `stage` if it is one of STAGES, else raise ValueError."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown data stage '{stage}', expected one of {STAGES}")
-    return stage
 
 
 def labels_to_sample(labels: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -218,8 +208,8 @@ def stretch_resize(imgsz: int) -> TorchvisionTransform:
 def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespace) -> Compose:
     """The training pipeline of one data stage, from a dataset's labels dict to Format's tensors.
 
-    Stages: "warmup" and "no_aug" run only sanitize, flip, resize and format; "aug" adds photometric distortion,
-    zoom-out and IoU-crop; "dense_o2o" adds mosaic in front of those (batch mixup is applied to collated batches, see
+    Every stage runs sanitize, flip, resize and format; `deim_ultra.data.stages` says which also get mosaic in front
+    and photometric distortion, zoom-out and IoU-crop (batch mixup and multi-scale act on collated batches, see
     `deim_ultra.data.batch_transforms`). The other augmentation parameters are DEIM's (module constants); Ultralytics
     keys without a DEIM counterpart (hyp.degrees, hyp.hsv_h, ...) are refused under a recipe
     (`deim_ultra.recipe.settings`).
@@ -236,9 +226,10 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
         cxcywh and `batch_idx` (N,) zeros, as Ultralytics' YOLODataset produces.
     """
     transforms = []
-    if check_stage(stage) in MOSAIC_STAGES:
+    augmentation = stage_augmentation(stage)
+    if augmentation.mosaic:
         transforms.append(DEIMMosaic(dataset, imgsz=imgsz, p=hyp.mosaic))
-    if stage in RANDOM_AUG_STAGES:
+    if augmentation.random:
         transforms.append(TorchvisionTransform(v2.RandomPhotometricDistort(p=PHOTOMETRIC_P)))
         transforms.append(zoom_out_iou_crop())
     transforms += [

@@ -7,7 +7,8 @@ from ultralytics.data.dataset import YOLODataset
 from ultralytics.data.utils import get_split_fraction
 from ultralytics.utils import IterableSimpleNamespace, colorstr
 
-from deim_ultra.data.augment import check_stage, deim_transforms
+from deim_ultra.data.augment import deim_transforms
+from deim_ultra.data.stages import stage_augmentation
 
 
 class DEIMDataset(YOLODataset):
@@ -25,7 +26,8 @@ class DEIMDataset(YOLODataset):
 
     def __init__(self, *args, stage: str = "warmup", **kwargs) -> None:
         """Same arguments as YOLODataset, plus the data `stage` to start in."""
-        self.stage = check_stage(stage)  # set before YOLODataset.__init__, which builds the transforms
+        stage_augmentation(stage)  # refuses an unknown stage before YOLODataset.__init__ builds the transforms
+        self.stage = stage
         super().__init__(*args, **kwargs)
 
     def build_transforms(self, hyp: IterableSimpleNamespace) -> Compose:
@@ -35,7 +37,8 @@ class DEIMDataset(YOLODataset):
 
     def set_stage(self, stage: str) -> None:
         """Switch to data `stage` and rebuild the transforms; reset the DataLoader for its workers to see it."""
-        self.stage = check_stage(stage)
+        stage_augmentation(stage)  # refuses an unknown stage
+        self.stage = stage
         self.transforms = self.build_transforms(self.hyp)
 
 

@@ -27,7 +27,9 @@ from .localization import box_losses, ddf_balance, ddf_loss, distance_bins, fgl_
 from .mal import CLASS_LOSSES
 from .matcher import HungarianMatcher, Indices, denoising_indices, one_to_many_assign, union_indices
 
-DEFAULT_WEIGHTS = {"mal": 1.0, "vfl": 1.0, "focal": 1.0, "bbox": 5.0, "giou": 2.0, "fgl": 0.15, "ddf": 1.5}
+# RT-DETR's and D-FINE's VFL (also used by the focal option): focusing exponent and negative weight.
+VFL_GAMMA = 2.0
+VFL_ALPHA = 0.75
 # MS-DETR's one-to-many coefficients (Deformable-DETR's cls/L1/GIoU weights); they replace, not scale, `weights`.
 O2M_WEIGHTS = {"cls": 2.0, "bbox": 5.0, "giou": 2.0}
 
@@ -104,46 +106,32 @@ class DEIMCriterion(nn.Module):
     """
 
     def __init__(
-        self,
-        nc: int,
-        weights: dict[str, float] | None = None,
-        cls_loss: str = "mal",
-        mal_gamma: float = 1.5,
-        vfl_gamma: float = 2.0,
-        alpha: float = 0.75,
-        reg_max: int = 32,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        matcher_alpha: float = 0.25,
-        matcher_gamma: float = 2.0,
-        o2m: bool = False,
+        self, nc: int, weights: dict[str, float], cls_loss: str, mal_gamma: float, reg_max: int | None, o2m: bool
     ):
-        """Configure the criterion.
+        """Configure the criterion; the settings come from the training arguments (`deim_ultra/cfg/default.yaml`).
 
         Args:
             nc: number of classes.
-            weights: term weights by name, with or without the "loss_" prefix ("mal", "bbox", "giou", "fgl", "ddf";
-                "vfl"/"focal" when cls_loss selects them); missing names keep the defaults (1, 5, 2, 0.15, 1.5).
+            weights: term weights by name: `cls_loss`'s name ("mal", "vfl" or "focal"), "bbox", "giou", "fgl", "ddf".
             cls_loss: "mal", "vfl" or "focal".
-            mal_gamma: gamma of MAL (DEIM's recipe: 1.5).
-            vfl_gamma: gamma of VFL and focal loss (RT-DETR's and D-FINE's recipes: 2.0).
-            alpha: negative weight of VFL / focal alpha; MAL uses none.
-            reg_max: number of distribution bin intervals.
-            cost_class, cost_bbox, cost_giou, matcher_alpha, matcher_gamma: Hungarian matcher costs.
+            mal_gamma: gamma of MAL; VFL and focal loss use the D-FINE recipe's VFL_GAMMA and VFL_ALPHA.
+            reg_max: number of distribution bin intervals; None for heads without a distribution (no FGL/DDF).
             o2m: add MS-DETR one-to-many supervision on the final layer's primary queries.
         """
         super().__init__()
         if cls_loss not in CLASS_LOSSES:
             raise ValueError(f"cls_loss must be one of {sorted(CLASS_LOSSES)}, got {cls_loss!r}")
+        missing = {cls_loss, "bbox", "giou", "fgl", "ddf"} - set(weights)
+        if missing:
+            raise KeyError(f"DEIMCriterion: no weight for term(s) {sorted(missing)}")
         self.nc = nc
-        self.weights = {**DEFAULT_WEIGHTS, **{k.removeprefix("loss_"): float(v) for k, v in (weights or {}).items()}}
+        self.weights = {k: float(v) for k, v in weights.items()}
         self.cls_loss = cls_loss
         self.cls_fn = CLASS_LOSSES[cls_loss]
-        self.gamma = mal_gamma if cls_loss == "mal" else vfl_gamma
-        self.cls_alpha = None if cls_loss == "mal" else alpha
+        self.gamma = mal_gamma if cls_loss == "mal" else VFL_GAMMA
+        self.cls_alpha = None if cls_loss == "mal" else VFL_ALPHA
         self.reg_max = reg_max
-        self.matcher = HungarianMatcher(cost_class, cost_bbox, cost_giou, matcher_alpha, matcher_gamma)
+        self.matcher = HungarianMatcher()
         self.o2m = o2m
         self.last_pos_per_img = 0.0
 

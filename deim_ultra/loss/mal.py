@@ -25,7 +25,7 @@ ClassLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "float | 
 
 
 def mal_loss(
-    logits: torch.Tensor, onehot: torch.Tensor, iou: torch.Tensor, gamma: float = 1.5, alpha: float | None = None
+    logits: torch.Tensor, onehot: torch.Tensor, iou: torch.Tensor, gamma: float, alpha: float | None = None
 ) -> torch.Tensor:
     """Matchability-aware loss: target iou**gamma on the matched class, positives weighted 1.
 
@@ -40,7 +40,7 @@ def mal_loss(
 
 
 def vfl_loss(
-    logits: torch.Tensor, onehot: torch.Tensor, iou: torch.Tensor, gamma: float = 2.0, alpha: float | None = 0.75
+    logits: torch.Tensor, onehot: torch.Tensor, iou: torch.Tensor, gamma: float, alpha: float | None
 ) -> torch.Tensor:
     """Varifocal loss: target iou on the matched class, positives weighted by that iou, negatives alpha * p**gamma."""
     target = onehot * iou.unsqueeze(-1)
@@ -49,7 +49,7 @@ def vfl_loss(
 
 
 def focal_loss(
-    logits: torch.Tensor, onehot: torch.Tensor, iou: torch.Tensor, gamma: float = 2.0, alpha: float | None = 0.25
+    logits: torch.Tensor, onehot: torch.Tensor, iou: torch.Tensor, gamma: float, alpha: float | None
 ) -> torch.Tensor:
     """Sigmoid focal loss on hard one-hot targets; iou is accepted for the shared signature but carries no signal."""
     return sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum")

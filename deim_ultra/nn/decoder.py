@@ -104,7 +104,7 @@ class DFINEDecoder(RTDETRDecoder):
         out_channels (int): Width of one eval detection row (6), for the model parser.
         input_proj (nn.ModuleList): Per level Identity, or 1x1 conv + BN where the level width differs from hidden_dim.
         decoder (DFINETransformerDecoder): The layer stack.
-        up, reg_scale (nn.Parameter): (1,) frozen FDR constants shared with `decoder`.
+        up, reg_scale (torch.Tensor): (1,) FDR constants (buffers) shared with `decoder`.
         anchors (torch.Tensor): (1, L, 4) buffer, proposal anchors in logit space (INVALID_ANCHOR_LOGIT where invalid).
         valid_mask (torch.Tensor): (1, L, 1) bool buffer, anchors inside (0.01, 0.99).
         denoising_class_embed (nn.Embedding): nc + 1 rows (the last is padding), present when num_denoising > 0.
@@ -118,24 +118,24 @@ class DFINEDecoder(RTDETRDecoder):
     def __init__(
         self,
         c1: list[int],
-        nc: int = 80,
-        hidden_dim: int = 256,
-        ffn_dim: int = 1024,
-        num_layers: int = 6,
-        num_points: list[int] | tuple[int, ...] = (3, 6, 3),
-        num_queries: int = 300,
-        num_denoising: int = 100,
-        label_noise_ratio: float = 0.5,
-        box_noise_scale: float = 1.0,
-        reg_max: int = 32,
-        reg_scale: float = 4.0,
-        eval_idx: int = -1,
-        act: str = "silu",
-        feat_strides: list[int] | tuple[int, ...] = (8, 16, 32),
+        nc: int,
+        hidden_dim: int,
+        ffn_dim: int,
+        num_layers: int,
+        num_points: list[int] | tuple[int, ...],
+        num_queries: int,
+        num_denoising: int,
+        label_noise_ratio: float,
+        box_noise_scale: float,
+        reg_max: int,
+        reg_scale: float,
+        eval_idx: int,
+        act: str,
+        feat_strides: list[int] | tuple[int, ...],
         eval_spatial_size: list[int] | tuple[int, int] = (640, 640),
         nhead: int = 8,
     ):
-        """Create the head.
+        """Create the head; the model YAMLs give every argument up to `feat_strides`, per size.
 
         Args:
             c1 (list[int]): Channels of each input memory level.
@@ -180,8 +180,9 @@ class DFINEDecoder(RTDETRDecoder):
         self.out_channels = 6
 
         self.input_proj = nn.ModuleList(self._input_projection(c, hidden_dim) for c in c1)
-        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
-        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
+        # Constants in the state dict under the authors' keys; buffers, so no optimizer or freeze setting sees them.
+        self.register_buffer("up", torch.tensor([0.5]))
+        self.register_buffer("reg_scale", torch.tensor([float(reg_scale)]))
         layer = DFINEDecoderLayer(hidden_dim, nhead, ffn_dim, list(num_points), act_cls)
         self.decoder = DFINETransformerDecoder(
             layer, num_layers, self.eval_idx, reg_max, self.up, self.reg_scale, nhead, act_cls

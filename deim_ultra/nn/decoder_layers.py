@@ -138,8 +138,8 @@ class DFINETransformerDecoder(nn.Module):
     Attributes:
         layers (nn.ModuleList): Decoder layers; those past `eval_idx` are training-only.
         lqe_layers (nn.ModuleList): One LQE per layer.
-        up (nn.Parameter): (1,) frozen weighting-function bound scale, shared with the head.
-        reg_scale (nn.Parameter): (1,) frozen offset scale, shared with the head.
+        up (torch.Tensor): (1,) weighting-function bound scale, a buffer shared with the head.
+        reg_scale (torch.Tensor): (1,) offset scale, a buffer shared with the head.
         reg_max (int): Index of the last distribution bin.
         eval_idx (int): Non-negative index of the layer reported in eval mode.
         nhead (int): Attention heads.
@@ -151,17 +151,17 @@ class DFINETransformerDecoder(nn.Module):
         num_layers: int,
         eval_idx: int,
         reg_max: int,
-        up: nn.Parameter,
-        reg_scale: nn.Parameter,
+        up: torch.Tensor,
+        reg_scale: torch.Tensor,
         nhead: int,
         act: type[nn.Module],
     ):
-        """Create the stack from `num_layers` copies of `layer`; `up`/`reg_scale` are the head's shared parameters."""
+        """Create the stack from `num_layers` copies of `layer`; `up`/`reg_scale` are the head's constant buffers."""
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.lqe_layers = nn.ModuleList(LQE(reg_max, act=act) for _ in range(num_layers))
-        self.up = up
-        self.reg_scale = reg_scale
+        self.register_buffer("up", up)
+        self.register_buffer("reg_scale", reg_scale)
         self.reg_max = reg_max
         self.eval_idx = eval_idx
         self.nhead = nhead

@@ -27,6 +27,7 @@ from deim_ultra.class_transfer import (
 )
 from deim_ultra.distributed import in_process_group
 from deim_ultra.loss.criterion import DEIMCriterion
+from deim_ultra.loss.targets import batch_targets, per_image
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
@@ -49,7 +50,6 @@ class Pick(nn.Module):
 MODULES: dict[str, type[nn.Module]] = {
     m.__qualname__: m for m in (HGStem, HGStage, HybridEncoder, Pick, DFINEDecoder)
 }  # by qualified name: DFINEDecoder's __name__ is "RTDETRDecoder" (see deim_ultra.nn.decoder)
-DEIM_DEFAULT_REG_MAX = 32  # criterion setting for heads without a distribution (Ultralytics' RT-DETR decoder)
 
 
 def resolve_module(name: str) -> type[nn.Module]:
@@ -95,8 +95,16 @@ def parse_deim_model(cfg: dict, ch: int, verbose: bool = True) -> tuple[nn.Seque
     return nn.Sequential(*layers), sorted(save)
 
 
-class DEIMLoss:
-    """The DEIM criterion for an RT-DETR-style detection model (mixin for RTDETRDetectionModel subclasses)."""
+class DEIMCriterionModel(RTDETRDetectionModel):
+    """An RT-DETR-style detection model trained with the DEIM criterion; its subclasses say how their layers are built.
+
+    Overrides Ultralytics' `init_criterion` and `loss`, the two methods through which its trainer and validator reach
+    a model's loss.
+    """
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """The layers of the YAML's `backbone` section: those at the backbone learning rate, and under `freeze_norm`."""
+        return list(self.model[: len(self.yaml["backbone"])])
 
     def criterion_outputs(self, preds: dict | tuple) -> dict:
         """The head's outputs as the criterion's dict: DEIM's decoder returns it in training, and as the last item of
@@ -114,7 +122,7 @@ class DEIMLoss:
             weights=weights,
             cls_loss=cls_loss,
             mal_gamma=deim_arg(args, "mal_gamma"),
-            reg_max=getattr(self.model[-1], "reg_max", DEIM_DEFAULT_REG_MAX),
+            reg_max=getattr(self.model[-1], "reg_max", None),  # Ultralytics' RT-DETR head has no distribution
             o2m=deim_arg(args, "o2m"),
         )
 
@@ -122,8 +130,7 @@ class DEIMLoss:
         """Compute the DEIM loss of a batch.
 
         Args:
-            batch (dict): Ultralytics batch: `img` (B, 3, H, W), `cls` (N, 1), `bboxes` (N, 4) normalised xywh,
-                `batch_idx` (N,) image index of each box.
+            batch (dict): Ultralytics batch, see `deim_ultra.loss.targets.batch_targets`.
             preds (tuple | dict, optional): Head outputs already computed for `batch["img"]`: the training dict, or
                 the eval-mode `(detections, outputs)` pair a validator passes.
 
@@ -135,22 +142,14 @@ class DEIMLoss:
         if getattr(self, "criterion", None) is None:
             self.criterion = self.init_criterion()
         img = batch["img"]
-        batch_idx = batch["batch_idx"].to(img.device, dtype=torch.long).view(-1)
-        cls = batch["cls"].to(img.device, dtype=torch.long).view(-1)
-        bboxes = batch["bboxes"].to(img.device)
-        valid = (bboxes[:, 2] > 0) & (bboxes[:, 3] > 0)
-        if not valid.all():  # Ultralytics keeps zero-area labels; as targets they only add noise to matching
-            if not getattr(self, "warned_degenerate", False):
-                LOGGER.warning(f"Ignoring {int((~valid).sum())} zero-area target boxes in a batch (logged once)")
-                self.warned_degenerate = True
-            batch_idx, cls, bboxes = batch_idx[valid], cls[valid], bboxes[valid]
-        gt_groups = torch.bincount(batch_idx, minlength=img.shape[0]).tolist()
+        targets, dropped = batch_targets(batch, img.device)
+        if dropped and not getattr(self, "warned_degenerate", False):
+            LOGGER.warning(f"Ignoring {dropped} zero-area target boxes in a batch (logged once)")
+            self.warned_degenerate = True
         if preds is None:
-            dn_batch = {"cls": cls, "bboxes": bboxes, "batch_idx": batch_idx, "gt_groups": gt_groups}
-            preds = self.predict(img, batch=dn_batch)
+            preds = self.predict(img, batch=targets)
         outputs = self.criterion_outputs(preds if self.training else preds[1])
-        targets = [{"labels": c, "boxes": b} for c, b in zip(cls.split(gt_groups), bboxes.split(gt_groups))]
-        terms = self.criterion(outputs, targets)
+        terms = self.criterion(outputs, per_image(targets))
         zero = img.new_zeros(())
         groups = {kind: zero for kind in (self.criterion.cls_loss, "bbox", "giou", "fgl", "ddf")}
         for name, value in terms.items():
@@ -167,7 +166,7 @@ class DEIMLoss:
         return total, groups
 
 
-class RTDETRDEIMModel(DEIMLoss, RTDETRDetectionModel):
+class RTDETRDEIMModel(DEIMCriterionModel):
     """Ultralytics' RT-DETR model (e.g. rtdetr-l.yaml) trained with the DEIM criterion: MAL, matching, L1/GIoU.
 
     Its decoder has no distribution head, so there are no FGL/DDF terms and no pre-layer outputs.
@@ -192,7 +191,7 @@ class RTDETRDEIMModel(DEIMLoss, RTDETRDetectionModel):
         return outputs
 
 
-class DEIMDetectionModel(DEIMLoss, RTDETRDetectionModel):
+class DEIMDetectionModel(DEIMCriterionModel):
     """DEIM-D-FINE detector: HGNetv2 backbone, hybrid encoder and D-FINE decoder, trained with the DEIM criterion.
 
     It keeps Ultralytics' RT-DETR model interface (`predict`, `loss`, `fuse`, checkpoint pickling), so Ultralytics'
@@ -224,6 +223,11 @@ class DEIMDetectionModel(DEIMLoss, RTDETRDetectionModel):
         if verbose:
             self.info()
             LOGGER.info("")
+
+    def hgnetv2_layers(self) -> tuple[HGStem, list[HGStage]]:
+        """The HGNetv2 stem and stages, in order: what the authors' ImageNet backbone files hold."""
+        stem = next(m for m in self.model if isinstance(m, HGStem))
+        return stem, [m for m in self.model if isinstance(m, HGStage)]
 
     def fuse(self, verbose: bool = True, imgsz: int = 640) -> DEIMDetectionModel:
         """Convert to the deploy layout in place: conv-BN and RepVGG branches folded, training-only heads dropped.

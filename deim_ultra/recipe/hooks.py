@@ -72,6 +72,11 @@ def apply_lr(trainer: DEIMTrainer) -> None:
         group["lr"] = group["initial_lr"] * factor
 
 
+def constant_lr(_: int) -> float:
+    """Ultralytics' per-epoch lr factor, neutralised: `apply_lr` sets the lr every iteration."""
+    return 1.0
+
+
 def on_train_epoch_start(trainer: DEIMTrainer) -> None:
     """Restart from the best pre-tail state where the tail asks for it, switch the data pipeline when the epoch
     enters a new stage, and restart the epoch's iteration count."""
