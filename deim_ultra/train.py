@@ -155,7 +155,9 @@ class DEIMTrainer(RTDETRTrainer):
 
     def get_model(self, cfg: str | dict | None = None, weights: nn.Module | None = None, verbose: bool = True):
         """Ultralytics builds RT-DETR layers only: build DEIM's, start from ImageNet weights, freeze norms if asked."""
-        model = build_detection_model(cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1)
+        model = build_detection_model(
+            cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, o2m=self.args.o2m
+        )
         model = self.set_model_names_for_load(model)
         if weights:
             check_pretrained_model(weights, self.args.pretrained)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from itertools import permutations
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +17,11 @@ from deim_ultra.loss import (
     distance_bins,
     fgl_loss,
     mal_loss,
-    one_to_many_assign,
     union_indices,
     vfl_loss,
 )
 from deim_ultra.loss.criterion import DEIMCriterion
+from deim_ultra.loss.one_to_many import one_to_many_assign
 from deim_ultra.nn.tasks import DEIMDetectionModel
 
 
@@ -52,7 +53,7 @@ def official(parity_fixture: dict) -> tuple[dict, list[dict]]:
 def test_parity_with_official_terms(official):
     data, targets = official
     weights = {name.removeprefix("loss_"): w for name, w in data["loss_weights"].items()}
-    crit = DEIMCriterion(80, weights, "mal", data["mal_gamma"], reg_max=32, o2m=False)
+    crit = DEIMCriterion(80, weights, "mal", data["mal_gamma"], reg_max=32)
     losses = crit(data["outputs"], targets)
     ref = data["loss_terms"]
     assert list(losses) == list(ref)
@@ -290,22 +291,67 @@ def test_denoising_indices_follow_subsampled_gts():
     assert q1.tolist() == [0, 4] and g1.tolist() == [1, 1]
 
 
-def test_one_to_many_assignment_threshold_and_topk():
-    gt = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
-    # Widths 0.2 / r give IoU r with the GT (same centre and height, narrower box).
-    ious = [1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.3]
-    boxes = torch.tensor([[[0.5, 0.5, 0.2 * r, 0.2] for r in ious]])
-    logits = torch.zeros(1, len(ious), 2)
-    targets = [{"labels": torch.tensor([1]), "boxes": gt}]
-    ((q, g),) = one_to_many_assign(logits, boxes, targets)
-    assert sorted(q.tolist()) == [0, 1, 2, 3, 4, 5] and g.tolist() == [0] * 6  # top-6 of the 8 with IoU >= 0.4
+MS_DETR_O2M = Path(__file__).parent / "fixtures" / "ms_detr_o2m_assign.pt"
 
-    crit = criterion(2, o2m=True)
-    losses = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
-    assert {"loss_mal_o2m", "loss_bbox_o2m", "loss_giou_o2m"} <= set(losses)
-    l1 = sum(0.2 * (1 - r) for r in ious[:6])
-    assert losses["loss_bbox_o2m"].item() == pytest.approx(5 * l1, rel=1e-5)
+
+@pytest.mark.parametrize("case", ["q20", "q60", "q200"])
+def test_one_to_many_assignment_equals_the_authors_stage2_assigner(case):
+    """Pairs and their order as MS-DETR's `Stage2Assigner` gave them on recorded inputs (tests/fixtures/README.md);
+    q20 and q60 each hold an image with more positives than the cap, so the random draw counts."""
+    fixture = torch.load(MS_DETR_O2M, weights_only=True)
+    recorded = fixture["cases"][case]
+    for b, (target, (query, gt)) in enumerate(zip(recorded["targets"], recorded["pairs"])):
+        torch.manual_seed(fixture["seed"])
+        ((q, g),) = one_to_many_assign(recorded["pred_logits"][b : b + 1], recorded["pred_boxes"][b : b + 1], [target])
+        assert q.tolist() == query.tolist() and g.tolist() == gt.tolist(), f"{case} image {b}"
+
+
+def one_gt_and_queries(num_queries: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """One GT of class 1; queries 0-8 share its centre and height with IoU 1.0 ... 0.3 (narrower), the rest far away.
+    With p = 0.5 everywhere the quality is 0.7 * IoU + 0.15: queries 0-7 reach 0.4, query 8 (IoU 0.3) does not."""
+    ious = [1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.3]
+    boxes = torch.tensor([[0.5, 0.5, 0.2 * r, 0.2] for r in ious] + [[0.05, 0.05, 0.02, 0.02]] * (num_queries - 9))
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    return torch.zeros(1, num_queries, 2), boxes[None], targets
+
+
+def test_one_to_many_takes_the_best_k_or_as_many_as_the_cap_keeps():
+    logits, boxes, targets = one_gt_and_queries(40)  # cap 10 >= 8 positives: the best 6 (K)
+    ((q, g),) = one_to_many_assign(logits, boxes, targets)
+    assert q.tolist() == [5, 4, 3, 2, 1, 0] and g.tolist() == [0] * 6  # lowest quality first
+    logits, boxes, targets = one_gt_and_queries(20)  # cap int(0.25 * 20) = 5 of the 8 positives: 5 pairs
+    ((q, g),) = one_to_many_assign(logits, boxes, targets)
+    assert q.tolist() == [4, 3, 2, 1, 0]
+
+
+def test_one_to_many_terms_of_every_layer():
+    logits, boxes, targets = one_gt_and_queries(40)
+    outputs = {
+        "pred_logits": logits,
+        "pred_boxes": boxes,
+        "o2m_outputs": [{"pred_logits": logits, "pred_boxes": boxes}] * 2,
+    }
+    crit = criterion(2)
+    losses = crit(outputs, targets)
+    assert {f"loss_{k}_o2m_{i}" for k in ("mal", "bbox", "giou") for i in (0, 1)} <= set(losses)
+    l1 = sum(0.2 * (1 - r) for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.55))  # the six pairs, one GT: num_boxes 1
+    assert losses["loss_bbox_o2m_1"].item() == pytest.approx(5 * l1, rel=1e-5)
     assert crit.last_pos_per_img == 6.0  # the Hungarian match (query 0) is one of the six
+
+
+def test_a_query_two_gts_took_is_classified_as_its_best():
+    from deim_ultra.loss.criterion import Matched, best_pair_per_query
+
+    # Pairs lowest quality first: query 3 of image 0 went to GT class 2, then (better) to GT class 0.
+    match = Matched(
+        batch=torch.tensor([0, 0, 1, 0]),
+        query=torch.tensor([3, 5, 3, 3]),
+        labels=torch.tensor([2, 1, 1, 0]),
+        boxes=torch.arange(16.0).view(4, 4),
+    )
+    best = best_pair_per_query(match)
+    pairs = sorted(zip(best.batch.tolist(), best.query.tolist(), best.labels.tolist()))
+    assert pairs == [(0, 3, 0), (0, 5, 1), (1, 3, 1)]
 
 
 def test_non_finite_term_reaches_the_total():

@@ -1,5 +1,5 @@
-"""Training options reach training: `cls_loss=vfl` and `o2m=True` train and show in the logged columns; recipes l
-and x freeze the stem and the backbone's BatchNorm."""
+"""Training options reach training: `cls_loss=vfl` and `o2m=True` (MS-DETR) train and show in the logged columns;
+recipes l and x freeze the stem and the backbone's BatchNorm."""
 
 import csv
 from pathlib import Path
@@ -35,10 +35,27 @@ def test_vfl_replaces_mal_in_the_loss_columns(tiny_data, tmp_path):
     assert model.trainer.model.criterion.cls_loss == "vfl"
 
 
-def test_o2m_adds_one_to_many_terms(tiny_data, tmp_path):
+def onnx_graph(path: Path) -> tuple[set[str], int]:
+    """The operator types of an ONNX file and how many weights it holds: float tensors of more than one value (the
+    scalar and shape constants the exporter folds depend on the operators' order)."""
+    import numpy as np
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1]
+    return {node.op_type for node in graph.node}, sum(int(np.prod(t.dims)) for t in weights)
+
+
+def test_o2m_trains_every_layer_and_deploys_like_the_plain_model(tiny_data, tmp_path):
+    """MS-DETR's mixed supervision: the trained checkpoint records it, every decoder layer has one-to-many terms, and
+    the checkpoint validates and exports with the plain model's operators and weights (the branch is training-only;
+    the layers keep MS-DETR's order, cross-attention first)."""
     model, row = train_one_epoch(tiny_data, tmp_path, o2m=True)
-    trained = model.trainer.model.train()
-    assert trained.criterion.o2m
+    assert float(row["train/pos_per_img"]) > 0
+    best = tmp_path / "run" / "weights" / "best.pt"
+    trained = DEIM(best)
+    assert trained.model.yaml["o2m"] and trained.model.model[-1].decoder.layers[0].cross_attention_first
+    net = trained.model.train()
     batch = next(iter(model.trainer.train_loader))
     images = batch["img"].float() / 255
     targets = [
@@ -48,25 +65,32 @@ def test_o2m_adds_one_to_many_terms(tiny_data, tmp_path):
         }
         for i in range(len(images))
     ]
-    terms = trained.criterion(trained.predict(images), targets)
-    assert {"loss_mal_o2m", "loss_bbox_o2m", "loss_giou_o2m"} <= set(terms)
-    assert float(row["train/pos_per_img"]) > 0
+    net.args = {}
+    terms = net.init_criterion()(net.predict(images), targets)
+    layers = len(net.model[-1].decoder.layers)
+    assert {f"loss_{k}_o2m_{i}" for k in ("mal", "bbox", "giou") for i in range(layers)} <= set(terms)
+
+    metrics = DEIM(best).val(data=str(tiny_data), imgsz=160, batch=4, workers=0, plots=False, project=str(tmp_path))
+    assert 0 <= metrics.box.map <= 1
+    train_one_epoch(tiny_data, tmp_path / "plain")
+    exported = onnx_graph(DEIM(best).export(format="onnx", imgsz=160))
+    reference = onnx_graph(DEIM(tmp_path / "plain" / "run" / "weights" / "best.pt").export(format="onnx", imgsz=160))
+    assert exported == reference  # the same operators and weights: the one-to-many FFNs are not exported
 
 
 @pytest.mark.parametrize("o2m", [False, True])
 def test_o2m_terms_and_positive_count_from_the_criterion(o2m, tiny_data):
-    """On one batch, o2m adds `_o2m` terms and never lowers the positives per image."""
+    """On one batch, mixed supervision adds `_o2m_<layer>` terms and never lowers the positives per image."""
     from ultralytics.data.utils import check_det_dataset
 
-    from deim_ultra.nn.tasks import DEIMDetectionModel
+    from deim_ultra.nn.tasks import build_detection_model
 
     torch.manual_seed(0)
-    model = DEIMDetectionModel("deim-n.yaml", nc=3, verbose=False)
-    model.args = {"o2m": o2m}
+    model = build_detection_model("deim-n.yaml", nc=3, verbose=False, o2m=o2m)
+    model.args = {}
     data = check_det_dataset(str(tiny_data))
     labels = sorted(Path(data["train"]).parent.parent.glob("labels/train/*.txt"))[:2]
     rows = [torch.tensor([[float(x) for x in line.split()] for line in p.read_text().splitlines()]) for p in labels]
-    # Queries placed exactly on the GT boxes: every GT has a perfect candidate, so o2m must find matches.
     batch = {
         "img": torch.rand(2, 3, 160, 160),
         "cls": torch.cat([r[:, :1] for r in rows]),
@@ -76,17 +100,38 @@ def test_o2m_terms_and_positive_count_from_the_criterion(o2m, tiny_data):
     with torch.no_grad():
         model.train()
         outputs = model.predict(batch["img"])
-        for i, r in enumerate(rows):
-            outputs["pred_boxes"][i, : len(r)] = r[:, 1:]
-            outputs["pred_boxes"][i, len(r) : 2 * len(r)] = r[:, 1:]  # a second, duplicate candidate per GT
+        # The last layer's one-to-many queries placed on the GT boxes, twice: each GT has two perfect candidates.
+        for layer in outputs.get("o2m_outputs", [])[-1:]:
+            for i, r in enumerate(rows):
+                layer["pred_boxes"][i, : len(r)] = r[:, 1:]
+                layer["pred_boxes"][i, len(r) : 2 * len(r)] = r[:, 1:]
         _, items = model.loss(batch, outputs)
         terms = model.criterion(outputs, [{"labels": r[:, 0].long(), "boxes": r[:, 1:]} for r in rows])
-    assert any(k.endswith("_o2m") for k in terms) == o2m
+    assert sorted(k for k in terms if "_o2m_" in k) == (
+        sorted(f"loss_{k}_o2m_{i}" for k in ("mal", "bbox", "giou") for i in range(3)) if o2m else []
+    )
     one_to_one = sum(len(r) for r in rows) / 2
-    if o2m:  # duplicates on each GT are extra positives under one-to-many matching
+    if o2m:  # both duplicates of each GT are one-to-many positives of the last layer
         assert items["pos_per_img"].item() > one_to_one
     else:
         assert items["pos_per_img"].item() == one_to_one
+
+
+def test_fine_tuning_across_the_o2m_setting_says_what_changed(tiny_data, tmp_path, caplog):
+    """A plain checkpoint fine-tuned with o2m=True: the log says the layer order changes and the one-to-many FFNs
+    start from random weights; Ultralytics transfers every other tensor."""
+    train_one_epoch(tiny_data, tmp_path / "plain")
+    caplog.set_level("INFO", logger="ultralytics")
+    _, _ = train_one_epoch(
+        tiny_data, tmp_path / "o2m", model=str(tmp_path / "plain" / "run" / "weights" / "last.pt"), o2m=True
+    )
+    assert "trained without MS-DETR's mixed supervision and this model has it on" in caplog.text
+    assert "one-to-many FFNs (o2m_ffn) start from random weights" in caplog.text
+
+
+def test_o2m_is_refused_for_ultralytics_rtdetr_layers(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="Ultralytics' RT-DETR decoder"):
+        train_one_epoch(tiny_data, tmp_path, model="rtdetr-l.yaml", o2m=True)
 
 
 def test_recipe_l_keeps_the_stem_and_the_backbone_statistics_of_its_start(tiny_data, tmp_path):

@@ -8,11 +8,12 @@ Output groups of the decoder's training dict and what supervises them (names as 
     enc_aux_outputs[i] "_enc_{i}"  class (own match), bbox/giou (GO set)
     dn_outputs[i]      "_dn_{i}"   class/bbox/giou/fgl/ddf on the fixed denoising assignment
     dn_pre_outputs     "_dn_pre"   class/bbox/giou on the fixed denoising assignment
-    o2m (optional)     "_o2m"      class/bbox/giou on the final layer's one-to-many assignment (MS-DETR)
+    o2m_outputs[i]     "_o2m_{i}"  class/bbox/giou on the layer's own one-to-many assignment (MS-DETR)
 
 Class terms are normalised by num_boxes (GTs in the batch), GO box/FGL terms by the GO set size, denoising terms by
-num_boxes * dn groups. Every returned term is already multiplied by its weight. A non-finite term is returned as it is:
-the trainer skips such a step (`deim_ultra.nonfinite`) rather than training on a loss with a term silently removed.
+num_boxes * dn groups, one-to-many terms by num_boxes (as MS-DETR does). Every returned term is already multiplied by
+its weight. A non-finite term is returned as it is: the trainer skips such a step (`deim_ultra.nonfinite`) rather
+than training on a loss with a term silently removed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch import nn
 
 from .localization import box_losses, ddf_balance, ddf_loss, distance_bins, fgl_loss, paired_iou
 from .mal import CLASS_LOSSES
-from .matcher import HungarianMatcher, Indices, denoising_indices, one_to_many_assign, union_indices
+from .matcher import HungarianMatcher, Indices, denoising_indices, union_indices
+from .one_to_many import one_to_many_assign
 
 # RT-DETR's and D-FINE's VFL (also used by the focal option): focusing exponent and negative weight.
 VFL_GAMMA = 2.0
@@ -102,12 +104,10 @@ class DEIMCriterion(nn.Module):
 
     Attributes:
         last_pos_per_img: after each forward, the mean number of final-layer primary queries per image that received
-            a positive target (Hungarian matches, plus one-to-many matches when o2m=True).
+            a positive target (Hungarian matches, plus the final layer's one-to-many matches under mixed supervision).
     """
 
-    def __init__(
-        self, nc: int, weights: dict[str, float], cls_loss: str, mal_gamma: float, reg_max: int | None, o2m: bool
-    ):
+    def __init__(self, nc: int, weights: dict[str, float], cls_loss: str, mal_gamma: float, reg_max: int | None):
         """Configure the criterion; the settings come from the training arguments (`deim_ultra/cfg/default.yaml`).
 
         Args:
@@ -116,7 +116,6 @@ class DEIMCriterion(nn.Module):
             cls_loss: "mal", "vfl" or "focal".
             mal_gamma: gamma of MAL; VFL and focal loss use the D-FINE recipe's VFL_GAMMA and VFL_ALPHA.
             reg_max: number of distribution bin intervals; None for heads without a distribution (no FGL/DDF).
-            o2m: add MS-DETR one-to-many supervision on the final layer's primary queries.
         """
         super().__init__()
         if cls_loss not in CLASS_LOSSES:
@@ -132,7 +131,6 @@ class DEIMCriterion(nn.Module):
         self.cls_alpha = None if cls_loss == "mal" else VFL_ALPHA
         self.reg_max = reg_max
         self.matcher = HungarianMatcher()
-        self.o2m = o2m
         self.last_pos_per_img = 0.0
 
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -187,12 +185,13 @@ class DEIMCriterion(nn.Module):
 
         positive = torch.zeros(bs, nq, dtype=torch.bool, device=device)
         positive[matched[0].batch, matched[0].query] = True
-        if self.o2m:
+        for i, out in enumerate(outputs.get("o2m_outputs", [])):
             o2m = Matched.from_indices(
-                one_to_many_assign(outputs["pred_logits"], outputs["pred_boxes"], targets), targets, device
+                one_to_many_assign(out["pred_logits"], out["pred_boxes"], targets), targets, device
             )
-            positive[o2m.batch, o2m.query] = True
-            losses.update({f"loss_{k}_o2m": v for k, v in self._o2m_terms(outputs, o2m, num_boxes).items()})
+            losses.update({f"loss_{k}_o2m_{i}": v for k, v in self._o2m_terms(out, o2m, num_boxes).items()})
+        if "o2m_outputs" in outputs:
+            positive[o2m.batch, o2m.query] = True  # the final layer's
         self.last_pos_per_img = positive.sum().item() / bs
         return losses
 
@@ -257,11 +256,29 @@ class DEIMCriterion(nn.Module):
             losses.update({f"loss_{k}{suffix}": v for k, v in self._layer_terms(out, match, num, sup).items()})
         return losses
 
-    def _o2m_terms(self, outputs: dict, match: Matched, num_boxes: float) -> dict[str, torch.Tensor]:
-        """MS-DETR one-to-many terms of the final layer, normalised by num_boxes, with the O2M_WEIGHTS coefficients."""
-        l1, giou = box_losses(outputs["pred_boxes"][match.batch, match.query], match.boxes)
+    def _o2m_terms(self, out: dict, match: Matched, num_boxes: float) -> dict[str, torch.Tensor]:
+        """MS-DETR one-to-many terms of one layer, normalised by num_boxes, with the O2M_WEIGHTS coefficients.
+
+        The class term is the run's own (MAL by default), as MS-DETR supervises both branches with its one-to-one
+        classification loss; a query several GTs took is classified as its best GT (the last of its pairs), as the
+        authors' criterion leaves it. Box terms count every pair. FGL and DDF are one-to-one terms (the GO set, the
+        final layer's distributions as teacher) and are not applied to the one-to-many queries.
+        """
+        l1, giou = box_losses(out["pred_boxes"][match.batch, match.query], match.boxes)
         return {
-            self.cls_loss: O2M_WEIGHTS["cls"] * self._class_term(outputs, match, num_boxes),
+            self.cls_loss: O2M_WEIGHTS["cls"] * self._class_term(out, best_pair_per_query(match), num_boxes),
             "bbox": O2M_WEIGHTS["bbox"] * l1 / num_boxes,
             "giou": O2M_WEIGHTS["giou"] * giou / num_boxes,
         }
+
+
+def best_pair_per_query(match: Matched) -> Matched:
+    """The last pair of each (image, query) in `match`, whose pairs come lowest quality first (`one_to_many_assign`)."""
+    if len(match.query) == 0:
+        return match
+    key = match.batch * (int(match.query.max()) + 1) + match.query
+    position = torch.arange(len(key), device=key.device)
+    last = torch.full((int(key.max()) + 1,), -1, dtype=torch.long, device=key.device)
+    last = last.scatter_reduce(0, key, position, reduce="amax")
+    keep = last[last >= 0]
+    return Matched(match.batch[keep], match.query[keep], match.labels[keep], match.boxes[keep])

@@ -378,6 +378,11 @@ class DFINEDecoder(RTDETRDecoder):
             out["dn_outputs"] = self._layer_outputs(dn_states)
             out["dn_pre_outputs"] = {"pred_logits": dn_states.pre_logits, "pred_boxes": dn_states.pre_boxes}
             out["dn_meta"] = dn_meta
+        if states.o2m_logits:
+            out["o2m_outputs"] = [
+                {"pred_logits": logits, "pred_boxes": boxes}
+                for logits, boxes in zip(states.o2m_logits, states.o2m_boxes)
+            ]
         return {
             **self._layer_output(states.logits[-1], states.boxes[-1], states.corners[-1], states.refs[-1]),
             "aux_outputs": self._layer_outputs(states)[:-1],
@@ -386,13 +391,23 @@ class DFINEDecoder(RTDETRDecoder):
             **out,
         }
 
+    def enable_one_to_many(self) -> DFINEDecoder:
+        """MS-DETR's mixed supervision in every decoder layer (see `DFINEDecoderLayer`); training then also returns
+        `o2m_outputs`, one dict of `pred_logits` (B, Q, nc) and `pred_boxes` (B, Q, 4) per layer."""
+        for layer in self.decoder.layers:
+            layer.enable_one_to_many()
+        return self
+
     def convert_to_deploy(self) -> DFINEDecoder:
         """Drop the training-only parts in place, as the authors' deploy layout does; eval outputs are unchanged.
 
         Layers past `eval_idx` (and their heads) are removed; score heads and LQEs before `eval_idx` become Identity
         so the remaining ones keep their official indices. Box heads before `eval_idx` stay (FDR chains through them).
+        MS-DETR's one-to-many FFNs go; its layer order stays.
         """
         keep = self.eval_idx + 1
+        for layer in self.decoder.layers:
+            layer.o2m_ffn = None
         self.dec_score_head = _keep_only(self.dec_score_head, self.eval_idx)
         self.decoder.lqe_layers = _keep_only(self.decoder.lqe_layers, self.eval_idx)
         self.decoder.layers = self.decoder.layers[:keep]
@@ -420,11 +435,17 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _split_states(states: DecoderStates, split: list[int]) -> tuple[DecoderStates, DecoderStates]:
-    """Split every (B, D + Q, ...) prediction along the query axis into denoising (D) and regular (Q) states."""
+    """Split every (B, D + Q, ...) prediction along the query axis into denoising (D) and regular (Q) states.
+
+    The denoising queries get no one-to-many predictions: their assignment is fixed, one query per box.
+    """
     halves = [
         [t.split(split, dim=1) for t in field] for field in (states.logits, states.boxes, states.corners, states.refs)
     ]
     pre_logits, pre_boxes = states.pre_logits.split(split, dim=1), states.pre_boxes.split(split, dim=1)
-    return tuple(
-        DecoderStates(*[[t[j] for t in field] for field in halves], pre_logits[j], pre_boxes[j]) for j in (0, 1)
+    o2m = [[t.split(split, dim=1)[1] for t in field] for field in (states.o2m_logits, states.o2m_boxes)]
+    dn, regular = (
+        DecoderStates(*[[t[j] for t in field] for field in halves], pre_logits[j], pre_boxes[j], *empty_or_o2m)
+        for j, empty_or_o2m in ((0, ([], [])), (1, o2m))
     )
+    return dn, regular

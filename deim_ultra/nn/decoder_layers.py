@@ -41,8 +41,31 @@ class Gate(nn.Module):
         return self.norm(g1 * x1 + g2 * x2)
 
 
+class FFN(nn.Module):
+    """Feed-forward block with residual and post-norm: norm(x + linear2(act(linear1(x)))), float16-safe."""
+
+    def __init__(self, hidden_dim: int, ffn_dim: int, act: type[nn.Module]):
+        """C -> `ffn_dim` -> C with activation `act`, Xavier-initialised."""
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_dim, ffn_dim)
+        self.act = act()
+        self.linear2 = nn.Linear(ffn_dim, hidden_dim)
+        self.norm = nn.LayerNorm(hidden_dim)
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Q, C) -> (B, Q, C)."""
+        x = x + self.linear2(self.act(self.linear1(x)))
+        return self.norm(x.clamp(min=-65504, max=65504))  # keep float16 finite before the norm
+
+
 class DFINEDecoderLayer(nn.Module):
     """One decoder layer: self-attention + post-norm, deformable cross-attention + gate, FFN + residual + norm.
+
+    With MS-DETR's mixed supervision (`enable_one_to_many`) the layer runs cross-attention first, as MS-DETR's
+    decoder layer does: the one-to-many branch is taken from the cross-attention output through its own FFN, before
+    self-attention, which is what lets the one-to-one queries suppress the duplicates one-to-many supervision breeds.
 
     Attributes:
         self_attn (nn.MultiheadAttention): Query self-attention (batch first).
@@ -52,6 +75,9 @@ class DFINEDecoderLayer(nn.Module):
         linear1, linear2 (nn.Linear): FFN C -> ffn_dim -> C.
         act (nn.Module): FFN activation.
         norm3 (nn.LayerNorm): Post-norm of the FFN residual.
+        cross_attention_first (bool): MS-DETR's layer order.
+        o2m_ffn (FFN | None): MS-DETR's auxiliary FFN giving the one-to-many queries (training only; the deploy
+            layout drops it).
     """
 
     def __init__(self, hidden_dim: int, nhead: int, ffn_dim: int, num_points: list[int], act: type[nn.Module]):
@@ -75,6 +101,14 @@ class DFINEDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(hidden_dim)
         nn.init.xavier_uniform_(self.linear1.weight)
         nn.init.xavier_uniform_(self.linear2.weight)
+        self.cross_attention_first = False
+        self.o2m_ffn: FFN | None = None
+
+    def enable_one_to_many(self) -> None:
+        """MS-DETR's mixed supervision: cross-attention first, and the auxiliary FFN of the one-to-many queries (the
+        width and activation of the layer's own FFN)."""
+        self.cross_attention_first = True
+        self.o2m_ffn = FFN(self.linear1.in_features, self.linear1.out_features, type(self.act))
 
     def forward(
         self,
@@ -95,12 +129,19 @@ class DFINEDecoderLayer(nn.Module):
 
         Returns:
             (torch.Tensor): (B, Q, C) refined query content.
+            (torch.Tensor | None): (B, Q, C) the one-to-many queries, in training with mixed supervision; else None.
         """
+        o2m = None
+        if self.cross_attention_first:
+            target = self.gateway(target, self.cross_attn(target + pos, reference, value))
+            if self.training and self.o2m_ffn is not None:
+                o2m = self.o2m_ffn(target)
         q = target + pos
         target = self.norm1(target + self.self_attn(q, q, target, attn_mask=attn_mask, need_weights=False)[0])
-        target = self.gateway(target, self.cross_attn(target + pos, reference, value))
+        if not self.cross_attention_first:
+            target = self.gateway(target, self.cross_attn(target + pos, reference, value))
         target = target + self.linear2(self.act(self.linear1(target)))
-        return self.norm3(target.clamp(min=-65504, max=65504))  # keep float16 finite before the norm
+        return self.norm3(target.clamp(min=-65504, max=65504)), o2m  # clamp: keep float16 finite before the norm
 
 
 class DecoderStates(NamedTuple):
@@ -113,6 +154,8 @@ class DecoderStates(NamedTuple):
         refs (list[torch.Tensor]): (B, Q, 4) initial reference boxes the corners are decoded against (detached).
         pre_logits (torch.Tensor | None): (B, Q, nc) first-layer class logits without LQE (training only).
         pre_boxes (torch.Tensor): (B, Q, 4) first-layer boxes from the pre-head, normalised cx, cy, w, h.
+        o2m_logits, o2m_boxes (list[torch.Tensor]): (B, Q, nc) and (B, Q, 4) of every layer's one-to-many queries
+            (training with mixed supervision; else empty).
     """
 
     logits: list[torch.Tensor]
@@ -121,6 +164,8 @@ class DecoderStates(NamedTuple):
     refs: list[torch.Tensor]
     pre_logits: torch.Tensor | None
     pre_boxes: torch.Tensor
+    o2m_logits: list[torch.Tensor]
+    o2m_boxes: list[torch.Tensor]
 
 
 class DFINEHeads(NamedTuple):
@@ -194,17 +239,23 @@ class DFINETransformerDecoder(nn.Module):
         """
         value = split_value(memory, shapes, self.nhead)
         project = weighting_function(self.reg_max, self.up, self.reg_scale)
-        logits, boxes_list, corners_list, refs = [], [], [], []
+        logits, boxes_list, corners_list, refs, o2m_logits, o2m_boxes = [], [], [], [], [], []
         output, output_detach, corners_prev, ref = target, 0, 0, ref_logits.sigmoid()
         for i, layer in enumerate(self.layers):
             pos = heads.query_pos_head(ref).clamp(min=-10, max=10)
-            output = layer(output, ref, value, pos, attn_mask)
+            output, o2m = layer(output, ref, value, pos, attn_mask)
             if i == 0:
                 pre_boxes = (heads.pre_bbox_head(output) + inverse_sigmoid(ref)).sigmoid()
                 pre_logits = heads.dec_score_head[0](output) if self.training else None
                 ref_initial = pre_boxes.detach()
             corners = heads.dec_bbox_head[i](output + output_detach) + corners_prev
             boxes = distance_to_box(ref_initial, distribution_to_distance(corners, project), self.reg_scale)
+            if o2m is not None:  # the layer's heads, as MS-DETR shares them; decoded like the one-to-one queries
+                o2m_corners = heads.dec_bbox_head[i](o2m + output_detach) + corners_prev
+                o2m_logits.append(self.lqe_layers[i](heads.dec_score_head[i](o2m), o2m_corners))
+                o2m_boxes.append(
+                    distance_to_box(ref_initial, distribution_to_distance(o2m_corners, project), self.reg_scale)
+                )
             if self.training or i == self.eval_idx:
                 logits.append(self.lqe_layers[i](heads.dec_score_head[i](output), corners))
                 boxes_list.append(boxes)
@@ -213,4 +264,4 @@ class DFINETransformerDecoder(nn.Module):
                 if not self.training:
                     break
             corners_prev, ref, output_detach = corners, boxes.detach(), output.detach()
-        return DecoderStates(logits, boxes_list, corners_list, refs, pre_logits, pre_boxes)
+        return DecoderStates(logits, boxes_list, corners_list, refs, pre_logits, pre_boxes, o2m_logits, o2m_boxes)

@@ -112,7 +112,7 @@ class DEIMCriterionModel(RTDETRDetectionModel):
         return preds if isinstance(preds, dict) else preds[-1]
 
     def init_criterion(self) -> DEIMCriterion:
-        """The DEIM criterion, configured from the training arguments (`cls_loss`, `mal_gamma`, `loss_*`, `o2m`)."""
+        """The DEIM criterion, configured from the training arguments (`cls_loss`, `mal_gamma`, `loss_*`)."""
         args = getattr(self, "args", None)
         cls_loss = deim_arg(args, "cls_loss")
         weights = {name: deim_arg(args, f"loss_{name}") for name in ("bbox", "giou", "fgl", "ddf")}
@@ -123,7 +123,6 @@ class DEIMCriterionModel(RTDETRDetectionModel):
             cls_loss=cls_loss,
             mal_gamma=deim_arg(args, "mal_gamma"),
             reg_max=getattr(self.model[-1], "reg_max", None),  # Ultralytics' RT-DETR head has no distribution
-            o2m=deim_arg(args, "o2m"),
         )
 
     def loss(self, batch: dict, preds: tuple | dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -216,6 +215,8 @@ class DEIMDetectionModel(DEIMCriterionModel):
             LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
             self.yaml["nc"] = nc
         self.model, self.save = parse_deim_model(deepcopy(self.yaml), ch=ch, verbose=verbose)
+        if self.yaml.get("o2m"):
+            self.model[-1].enable_one_to_many()
         self.names = {i: f"{i}" for i in range(self.yaml["nc"])}
         self.inplace = True
         self.stride = torch.Tensor([32])
@@ -223,6 +224,21 @@ class DEIMDetectionModel(DEIMCriterionModel):
         if verbose:
             self.info()
             LOGGER.info("")
+
+    def load(self, weights: nn.Module | dict, verbose: bool = True) -> None:
+        """Ultralytics' transfer, saying when the checkpoint was trained with the other MS-DETR setting (`o2m`)."""
+        super().load(weights, verbose)
+        source = weights["model"] if isinstance(weights, dict) else weights
+        theirs, ours = bool(getattr(source, "yaml", {}).get("o2m")), bool(self.yaml.get("o2m"))
+        if verbose and theirs != ours:
+            LOGGER.warning(
+                f"The checkpoint was trained {'with' if theirs else 'without'} MS-DETR's mixed supervision and this "
+                f"model has it {'off' if theirs else 'on'} (o2m={ours}): its decoder layers now run "
+                f"{'self' if theirs else 'cross'}-attention first"
+                + ("" if theirs else ", and their one-to-many FFNs (o2m_ffn) start from random weights")
+                + ". Fix, to keep the checkpoint's layer order: o2m="
+                + str(theirs)
+            )
 
     def hgnetv2_layers(self) -> tuple[HGStem, list[HGStage]]:
         """The HGNetv2 stem and stages, in order: what the authors' ImageNet backbone files hold."""
@@ -293,6 +309,26 @@ def model_class_for(cfg: str | Path | dict) -> type[RTDETRDetectionModel]:
     return DEIMDetectionModel if names <= set(MODULES) | {n for n in names if n.startswith("nn.")} else RTDETRDEIMModel
 
 
-def build_detection_model(cfg: str | Path | dict, ch: int = 3, nc: int | None = None, verbose: bool = True):
-    """Build the model class `cfg` calls for (see `model_class_for`)."""
-    return model_class_for(cfg)(cfg, ch=ch, nc=nc, verbose=verbose)
+def build_detection_model(
+    cfg: str | Path | dict, ch: int = 3, nc: int | None = None, verbose: bool = True, o2m: bool | None = None
+) -> DEIMCriterionModel:
+    """Build the model class `cfg` calls for (see `model_class_for`).
+
+    Args:
+        cfg (str | Path | dict): Model YAML or its dict (not modified).
+        ch (int): Input image channels.
+        nc (int, optional): Class count overriding the YAML's.
+        verbose (bool): Log the layer table and model summary.
+        o2m (bool, optional): MS-DETR's mixed supervision, overriding the YAML's `o2m` key; recorded in `model.yaml`.
+    """
+    d = deepcopy(cfg) if isinstance(cfg, dict) else yaml_model_load(resolve_model_yaml(cfg))
+    if o2m is not None:
+        d["o2m"] = o2m
+    model_class = model_class_for(d)
+    if d.get("o2m") and model_class is not DEIMDetectionModel:
+        raise ValueError(
+            f"o2m=True: MS-DETR's one-to-many branch is part of DEIM's D-FINE decoder; Ultralytics' RT-DETR decoder "
+            f"({d.get('yaml_file', 'this model')}) has none. Fix: a deim-<size>.yaml or dfine-<size>.yaml model, or "
+            "o2m=False"
+        )
+    return model_class(d, ch=ch, nc=nc, verbose=verbose)
