@@ -8,10 +8,14 @@ Rows (select with --rows; seeds with --seeds):
     d  DEIM without Dense O2O: MAL + D-FINE's augmentation
     e  Ultralytics' RT-DETR recipe (its augmentation, optimizer and lr schedule) with VFL
     f  Ultralytics YOLO26n from its YAML with Ultralytics' defaults (what a YOLO user compares against)
+    g  DEIM + MS-DETR: row a with `o2m=True` (one-to-many terms on every decoder layer, MS-DETR's layer order)
+    h  D-FINE baseline + MS-DETR: row b with `o2m=True`
 
-Writes in --out: `convergence.csv` (row, seed, epoch, mAP50-95, mAP50, seconds per training iteration) and
+Writes in --out: `convergence.csv` (row, seed, epoch, mAP50-95, mAP50, seconds per training iteration, peak training
+memory in MiB: the CUDA allocator's peak on a GPU, else the training process's peak resident memory) and
 `convergence.png` (mean per epoch with a min-max band over seeds), and prints final mAP per row, seconds per
-iteration, and the first epoch at which DEIM's mean mAP reaches the D-FINE baseline's mean final mAP. With
+iteration, peak memory, rows g and h against their plain rows (a, b), and the first epoch at which DEIM's mean mAP
+reaches the D-FINE baseline's mean final mAP. With
 `--reference` (CSVs of the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
 mAP50-95), their band is drawn too, and the distance from it from epoch 20 on is printed for each DEIM seed, for
 DEIM's mean and, with 3 or more authors' seeds, for each authors' seed against the band of the others; with 2 or
@@ -22,7 +26,8 @@ others: how often a faithful trainer passes such a check by the draw of its seed
 
 On CPU, Ultralytics trains on cpu_count - 1 threads (one on a 2-core machine), so by default as many runs train at once
 as fit the cores (`--jobs`), each in its own process with its console output in --out/<row>_seed<seed>.log; a seed
-gives the same curve however many run beside it.
+gives the same curve however many run beside it. Each run side by side has a process of its own, so its peak
+memory is its own; with --jobs 1 the runs share one process and only the first run's CPU memory is its own.
 
     python benchmarks/convergence.py --quick                        # all rows, seeds 0 1 (a, b, f) and 0 (c, d, e)
     python benchmarks/convergence.py --quick --rows a f --seeds 0   # a subset
@@ -49,6 +54,8 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
 from scipy.stats import ttest_ind  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 from ultralytics.utils import NUM_THREADS  # noqa: E402
@@ -66,8 +73,11 @@ ROWS = {
     "d": "DEIM w/o Dense O2O",
     "e": "Ultralytics RT-DETR recipe",
     "f": "YOLO26n",
+    "g": "DEIM + MS-DETR",
+    "h": "D-FINE baseline + MS-DETR",
 }
-SEEDED_ROWS = ("a", "b", "f")  # rows run for every --seeds value; the others for the first seed only
+SEEDED_ROWS = ("a", "b", "f", "g", "h")  # rows run for every --seeds value; the others for the first seed only
+PLAIN_ROW = {"g": "a", "h": "b"}  # each MS-DETR row's counterpart without one-to-many supervision
 NO_DENSE_O2O = dict(mosaic=0.0, mixup=0.0)
 # Dense scenes: 200 images of 128 px with 6-12 objects each (14-36 px), so a from-scratch DEIM-N learns it on a
 # 2-core CPU; batch 4 gives the optimizer enough steps per epoch. ../shared/reference holds the authors' runs on it.
@@ -78,7 +88,7 @@ QUICK_RUN = dict(epochs=32, batch=4)
 
 
 def row_settings(row: str, epochs: int) -> dict:
-    """DEIM settings of an ablation row (rows a-e), on top of the model YAML's recipe."""
+    """DEIM settings of an ablation row (rows a-e, g, h), on top of the model YAML's recipe."""
     n = RECIPES["n"]
     e0, _, e2 = scale_policy(n.policy_epochs, n.epochs, epochs)
     dfine = dict(policy_epochs=[e0, e0, e2], lrf=1.0, **NO_DENSE_O2O)  # augment from e0 to the tail, flat lr
@@ -88,6 +98,8 @@ def row_settings(row: str, epochs: int) -> dict:
         "c": dict(cls_loss="vfl"),
         "d": dfine,
         "e": dict(recipe="none", cls_loss="vfl"),
+        "g": dict(o2m=True),
+        "h": dict(cls_loss="vfl", o2m=True, **dfine),
     }[row]
 
 
@@ -109,12 +121,29 @@ class IterationClock:
         return self.seconds / max(self.iterations, 1)
 
 
+class MemoryPeak:
+    """Callbacks recording peak training memory in MiB: the CUDA allocator's peak, or on CPU the process's peak
+    resident memory sampled after every training batch."""
+
+    def __init__(self) -> None:
+        self.mib = 0.0
+
+    def batch_end(self, trainer) -> None:
+        if trainer.device.type == "cuda":
+            used = torch.cuda.max_memory_allocated(trainer.device)
+        else:
+            used = psutil.Process().memory_info().rss
+        self.mib = max(self.mib, used / 2**20)
+
+
 def train(row: str, seed: int, args, data: str) -> list[dict]:
     """Train one row with one seed; return its per-epoch validation metrics."""
     model = YOLO("yolo26n.yaml") if row == "f" else DEIM(args.model)
     clock = IterationClock()
     model.add_callback("on_train_epoch_start", clock.epoch_start)
     model.add_callback("on_train_epoch_end", clock.epoch_end)
+    memory = MemoryPeak()
+    model.add_callback("on_train_batch_end", memory.batch_end)
     settings = dict(
         data=data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, workers=args.workers,
         amp=args.amp, project=str(args.out), name=f"{row}_seed{seed}", exist_ok=True, plots=False, seed=seed,
@@ -132,6 +161,7 @@ def train(row: str, seed: int, args, data: str) -> list[dict]:
             map=float(r["metrics/mAP50-95(B)"]),
             map50=float(r["metrics/mAP50(B)"]),
             s_per_iter=round(clock.per_iteration, 4),
+            peak_mib=round(memory.mib),
         )
         for r in results
     ]
@@ -174,7 +204,8 @@ def run_all(runs: list[tuple[str, int]], args, data: str) -> list[dict]:
             record(run, train(*run, args, data))
     else:
         print(f"{len(runs)} runs, {args.jobs} at a time; console output in {args.out}/<row>_seed<seed>.log", flush=True)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn, max_tasks_per_child=1) as pool:
             futures = {pool.submit(train_logged, *run, args, data): run for run in runs}
             failed = []
             for future in as_completed(futures):
@@ -289,13 +320,21 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]], check: t
     seed and a pair of seeds meet the per-seed `check` (final mAP, gap) on each side, the difference of the two means
     per epoch with its Welch p-value, and DEIM's epochs to the baseline's final."""
     table = by_row(rows)
+    speed = {row: statistics.mean(r["s_per_iter"] for r in rows if r["row"] == row) for row in table}
+    memory = {row: max(r["peak_mib"] for r in rows if r["row"] == row) for row in table}
     for row, epochs in table.items():
         final = epochs[max(epochs)]
-        speed = statistics.mean(r["s_per_iter"] for r in rows if r["row"] == row)
         print(
             f"{ROWS[row]:28s} final mAP50-95 mean {statistics.mean(final):.3f} (range {min(final):.3f}-"
-            f"{max(final):.3f}, {len(final)} seed(s)), {speed:.3f} s/iteration"
+            f"{max(final):.3f}, {len(final)} seed(s)), {speed[row]:.3f} s/iteration, peak {memory[row]:.0f} MiB"
         )
+    for row, plain in PLAIN_ROW.items():
+        if row in table and plain in table:
+            gain = statistics.mean(table[row][max(table[row])]) - statistics.mean(table[plain][max(table[plain])])
+            print(
+                f"{ROWS[row]} vs {ROWS[plain]}: final mAP50-95 {gain:+.3f}, time per iteration "
+                f"x{speed[row] / speed[plain]:.2f}, peak memory x{memory[row] / memory[plain]:.2f}"
+            )
     if reference and "a" in table:
         authors = band(reference)
         for seed, curve in deim_curves(rows).items():
@@ -413,7 +452,7 @@ def main() -> None:
             with open(path) as f:
                 rows += [
                     dict(r, seed=int(r["seed"]), epoch=int(r["epoch"]), map=float(r["map"]), map50=float(r["map50"]),
-                         s_per_iter=float(r["s_per_iter"]))
+                         s_per_iter=float(r["s_per_iter"]), peak_mib=float(r.get("peak_mib") or "nan"))
                     for r in csv.DictReader(f)
                 ]  # fmt: skip
     else:

@@ -167,3 +167,16 @@ def test_upstream_suite_comparison_flags_each_kind_of_surprise():
     assert suite.compare({**ok, "t.py::test_ncnn": ("passed", "")}, entries, None) == 1  # listed one passes
     assert suite.compare({"t.py::test_ncnn": ("failed", "m")}, entries, None) == 1  # nothing fits test_seg[*
     assert suite.compare(ok, entries, {"t.py::test_ncnn": ["passed", ""]}) == 1  # RT-DETR does not share it
+
+
+def test_ms_detr_rows_against_their_plain_rows(tmp_path):
+    ours = """row,seed,epoch,map,map50,s_per_iter,peak_mib
+a,0,21,0.30,0.5,0.50,1000
+a,1,21,0.40,0.5,0.50,1100
+g,0,21,0.38,0.5,0.60,1200
+g,1,21,0.42,0.5,0.60,1210
+"""
+    out = summary(tmp_path, ours)
+    assert "DEIM + MS-DETR               final mAP50-95 mean 0.400" in out and "peak 1210 MiB" in out
+    # finals 0.35 v 0.40; 0.60 / 0.50 s per iteration; peaks (largest over seeds) 1210 / 1100
+    assert "DEIM + MS-DETR vs DEIM: final mAP50-95 +0.050, time per iteration x1.20, peak memory x1.10" in out
