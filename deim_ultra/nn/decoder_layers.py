@@ -80,6 +80,8 @@ class DFINEDecoderLayer(nn.Module):
             layout drops it).
     """
 
+    cross_attention_first = False  # the default of layers pickled before mixed supervision existed
+
     def __init__(self, hidden_dim: int, nhead: int, ffn_dim: int, num_points: list[int], act: type[nn.Module]):
         """Create a layer.
 
@@ -101,7 +103,6 @@ class DFINEDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(hidden_dim)
         nn.init.xavier_uniform_(self.linear1.weight)
         nn.init.xavier_uniform_(self.linear2.weight)
-        self.cross_attention_first = False
         self.o2m_ffn: FFN | None = None
 
     def enable_one_to_many(self) -> None:
