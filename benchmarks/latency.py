@@ -1,7 +1,8 @@
 """Latency of exported detectors at batch 1, 640 px, measured side by side in one process.
 
 Exports, from YAML with random weights (latency does not depend on weights), through each model's own Ultralytics
-exporter: DEIM-N and DEIM-S (ONNX, ONNX with `sampler=gather`, OpenVINO), Ultralytics YOLO11n / YOLO11s, YOLO26n /
+exporter: DEIM-N and DEIM-S (ONNX, ONNX with `sampler=gather`, OpenVINO), DEIM-N trained with MS-DETR's mixed
+supervision (`deim-n-o2m`: its deploy graph, ONNX and OpenVINO), Ultralytics YOLO11n / YOLO11s, YOLO26n /
 YOLO26s and RT-DETR-l (ONNX, and OpenVINO for the n models); with `--authors` also the authors' own DEIM-N deploy
 export (built from their code outside this repository, see ../shared/reference/README.md). Then times them
 interleaved: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike;
@@ -35,14 +36,29 @@ import numpy as np
 MODELS = {
     "deim-n": "deim-n.yaml",
     "deim-s": "deim-s.yaml",
+    "deim-n-o2m": "deim-n.yaml",
     "yolo11n": "yolo11n.yaml",
     "yolo11s": "yolo11s.yaml",
     "yolo26n": "yolo26n.yaml",
     "yolo26s": "yolo26s.yaml",
     "rtdetr-l": "rtdetr-l.yaml",
 }
-OPENVINO = {"deim-n", "deim-s", "yolo11n", "yolo26n"}
+OPENVINO = {"deim-n", "deim-s", "deim-n-o2m", "yolo11n", "yolo26n"}
 GATHER = {"deim-n", "deim-s"}
+O2M = {"deim-n-o2m"}  # built with `o2m: true` added to the YAML
+
+
+def model_yaml(name: str, folder: Path) -> str:
+    """The YAML model `name` is built from: the shipped one, or for O2M a copy with `o2m: true` written to `folder`."""
+    if name not in O2M:
+        return MODELS[name]
+    from ultralytics.utils import YAML
+
+    from deim_ultra.cfg import resolve_model_yaml
+
+    path = folder / f"{name}.yaml"
+    YAML.save(path, {**YAML.load(resolve_model_yaml(MODELS[name])), "o2m": True})
+    return str(path)
 
 
 def export(name: str, fmt: str, out: Path, imgsz: int, **kwargs) -> Path:
@@ -51,11 +67,10 @@ def export(name: str, fmt: str, out: Path, imgsz: int, **kwargs) -> Path:
 
     from deim_ultra import DEIM
 
-    yaml = MODELS[name]
     cls = DEIM if name.startswith("deim") else RTDETR if name.startswith("rtdetr") else YOLO
-    model = cls(yaml)
     folder = out / f"{name}-{fmt}-{kwargs.get('sampler', 'default')}"
     folder.mkdir(parents=True, exist_ok=True)
+    model = cls(model_yaml(name, folder))
     weights = folder / f"{name}.pt"
     model.save(weights)
     return Path(cls(weights).export(format=fmt, imgsz=imgsz, verbose=False, **kwargs))
@@ -109,7 +124,7 @@ class TorchRunner:
         cls = DEIM if name.startswith("deim") else RTDETR if name.startswith("rtdetr") else YOLO
         self.torch, self.cuda = torch, torch.cuda.is_available()
         device, dtype = ("cuda" if self.cuda else "cpu"), (torch.half if half else torch.float)
-        self.model = cls(MODELS[name]).model.to(device).eval().fuse().to(dtype)
+        self.model = cls(model_yaml(name, Path(tempfile.mkdtemp()))).model.to(device).eval().fuse().to(dtype)
         self.x = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
 
     def __call__(self) -> None:
