@@ -29,7 +29,8 @@ def main() -> None:
     for size, (params_ref, gflops_ref) in PUBLISHED.items():
         model = DEIMDetectionModel(f"deim-{size}.yaml", verbose=False).eval()
         model.fuse(verbose=False)
-        params = sum(p.numel() for p in model.parameters())
+        head = model.model[-1]  # the authors count the FDR constants, frozen parameters there and buffers here
+        params = sum(p.numel() for p in model.parameters()) + head.up.numel() + head.reg_scale.numel()
         flops, _, _ = calculate_flops(
             model=model, input_shape=(1, 3, 640, 640), output_as_string=False, print_results=False, print_detailed=False
         )
