@@ -336,6 +336,10 @@ def test_one_to_many_terms_of_every_layer():
     assert {f"loss_{k}_o2m_{i}" for k in ("mal", "bbox", "giou") for i in (0, 1)} <= set(losses)
     l1 = sum(0.2 * (1 - r) for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.55))  # the six pairs, one GT: num_boxes 1
     assert losses["loss_bbox_o2m_1"].item() == pytest.approx(5 * l1, rel=1e-5)
+    # MS-DETR's focal loss at p = 0.5: each of the 6 positives (class 1) costs 0.25 * 0.5**2 * ln 2, each of the other
+    # 40 * 2 - 6 (query, class) entries 0.75 * 0.5**2 * ln 2; weight 2.
+    focal = (6 * 0.25 + 74 * 0.75) * 0.25 * math.log(2)
+    assert losses["loss_mal_o2m_0"].item() == pytest.approx(2 * focal, rel=1e-5)
     assert crit.last_pos_per_img == 6.0  # the Hungarian match (query 0) is one of the six
 
 

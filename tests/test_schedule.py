@@ -88,7 +88,7 @@ def test_short_run_names_the_stages_it_leaves_out(tiny_data, tmp_path, caplog):
     )
     assert "policy epochs [1, 1, 1] of 2" in caplog.text  # N's (4, 78, 148) of 160, scaled and clamped
     assert "lr warmup 2 iterations" in caplog.text  # the recipe's 2000, cut to e0 = 1 epoch of 8 images / batch 4
-    assert "2 epochs leave no epoch to stage(s) dense_o2o, aug" in caplog.text
+    assert "none of the 2 epoch(s) falls to stage(s) dense_o2o, aug" in caplog.text
 
 
 def test_close_mosaic_ends_dense_o2o_that_many_epochs_before_the_end():

@@ -170,3 +170,11 @@ def test_recipe_n_trains_the_stem_and_the_backbone_norms(tiny_data, tmp_path):
     assert model.trainer.args.freeze is None and not model.trainer.args.freeze_norm
     assert all(p.requires_grad for p in layers[0].parameters())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in layers[0].modules())
+
+
+@pytest.mark.parametrize("setting", [{"o2m": "no"}, {"freeze_norm": "yes"}, {"loss_bbox": "5"}, {"warmup_iters": 1.5}])
+def test_a_deim_setting_of_the_wrong_type_is_refused(setting, tiny_data, tmp_path):
+    """`deim train o2m=no` reaches the trainer as the string 'no', which would switch mixed supervision on."""
+    ((key, value),) = setting.items()
+    with pytest.raises(TypeError, match=f"'{key}={value}' is of invalid type"):
+        train_one_epoch(tiny_data, tmp_path, **setting)

@@ -61,6 +61,29 @@ def ultralytics_args(args: SimpleNamespace | dict) -> dict:
     return {k: v for k, v in items.items() if k not in DEIM_DEFAULTS}
 
 
+# The types of DEIM's settings that Ultralytics' own check (`check_cfg`) does not know; None means "default".
+_NUMBER = (int, float)
+_NUMBER_KEYS = ("mal_gamma", "loss_mal", "loss_bbox", "loss_giou", "loss_fgl", "loss_ddf", "backbone_lr")
+SETTING_TYPES: dict[str, tuple[type, ...]] = {
+    "o2m": (bool,),
+    "freeze_norm": (bool,),
+    "warmup_iters": (int,),
+    "base_size_repeat": (int,),
+    "nonfinite_patience": (int,),
+    **dict.fromkeys((*_NUMBER_KEYS, "ema_decay", "ema_tau", "clip_max_norm"), _NUMBER),
+}
+
+
+def check_setting_types(overrides: dict) -> None:
+    """Raise TypeError for a DEIM setting of the wrong type, as Ultralytics does for its own: `o2m=no` reaches us as
+    the string 'no', which would otherwise count as true."""
+    for key, types in SETTING_TYPES.items():
+        value = overrides.get(key)
+        if value is not None and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            expected = " or ".join("True / False" if t is bool else t.__name__ for t in types)
+            raise TypeError(f"'{key}={value}' is of invalid type {type(value).__name__}: '{key}' takes {expected}")
+
+
 def deim_arg(args: SimpleNamespace | dict | None, key: str):
     """Value of DEIM setting `key` in `args` (namespace or dict), falling back to the shipped default."""
     items = vars(args) if isinstance(args, SimpleNamespace) else (args or {})

@@ -136,7 +136,8 @@ class DEIMCriterionModel(RTDETRDetectionModel):
         Returns:
             (torch.Tensor): Sum of all weighted loss terms, for backpropagation.
             (dict[str, torch.Tensor]): Detached sums per loss kind (classification, bbox, giou, fgl, ddf) and
-                `pos_per_img`, the final layer's matched positives per image.
+                `pos_per_img`, the final layer's queries per image with a positive target (one-to-one matches, and
+                one-to-many ones under mixed supervision).
         """
         if getattr(self, "criterion", None) is None:
             self.criterion = self.init_criterion()
@@ -236,8 +237,7 @@ class DEIMDetectionModel(DEIMCriterionModel):
                 f"model has it {'off' if theirs else 'on'} (o2m={ours}): its decoder layers now run "
                 f"{'self' if theirs else 'cross'}-attention first"
                 + ("" if theirs else ", and their one-to-many FFNs (o2m_ffn) start from random weights")
-                + ". Fix, to keep the checkpoint's layer order: o2m="
-                + str(theirs)
+                + f" (o2m={theirs} would keep the checkpoint's layer order)"
             )
 
     def hgnetv2_layers(self) -> tuple[HGStem, list[HGStage]]:

@@ -45,7 +45,7 @@ def set_policy(trainer: DEIMTrainer) -> None:
         empty = empty_stages(policy, trainer.epochs)
         if empty:
             LOGGER.warning(
-                f"DEIM schedule: {trainer.epochs} epochs leave no epoch to stage(s) {', '.join(empty)}; set "
+                f"DEIM schedule: none of the {trainer.epochs} epoch(s) falls to stage(s) {', '.join(empty)}; set "
                 "policy_epochs=[e0,e1,e2] to place them, or train longer"
             )
     trainer.policy = policy
