@@ -97,12 +97,8 @@ class DFINEDecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.cross_attn = MSDeformableAttention(hidden_dim, nhead, num_points)
         self.gateway = Gate(hidden_dim)
-        self.linear1 = nn.Linear(hidden_dim, ffn_dim)
-        self.act = act()
-        self.linear2 = nn.Linear(ffn_dim, hidden_dim)
-        self.norm3 = nn.LayerNorm(hidden_dim)
-        nn.init.xavier_uniform_(self.linear1.weight)
-        nn.init.xavier_uniform_(self.linear2.weight)
+        ffn = FFN(hidden_dim, ffn_dim, act)  # its parts kept under the authors' key names
+        self.linear1, self.act, self.linear2, self.norm3 = ffn.linear1, ffn.act, ffn.linear2, ffn.norm
         self.o2m_ffn: FFN | None = None
 
     def enable_one_to_many(self) -> None:
