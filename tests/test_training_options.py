@@ -50,8 +50,7 @@ def test_o2m_trains_every_layer_and_deploys_like_the_plain_model(tiny_data, tmp_
     """MS-DETR's mixed supervision: the trained checkpoint records it, every decoder layer has one-to-many terms, and
     the checkpoint validates and exports with the plain model's operators and weights (the branch is training-only;
     the layers keep MS-DETR's order, cross-attention first)."""
-    model, row = train_one_epoch(tiny_data, tmp_path, o2m=True)
-    assert float(row["train/pos_per_img"]) > 0
+    model, _ = train_one_epoch(tiny_data, tmp_path, o2m=True)
     best = tmp_path / "run" / "weights" / "best.pt"
     trained = DEIM(best)
     assert trained.model.yaml["o2m"] and trained.model.model[-1].decoder.layers[0].cross_attention_first
@@ -71,7 +70,7 @@ def test_o2m_trains_every_layer_and_deploys_like_the_plain_model(tiny_data, tmp_
     assert {f"loss_{k}_o2m_{i}" for k in ("mal", "bbox", "giou") for i in range(layers)} <= set(terms)
 
     metrics = DEIM(best).val(data=str(tiny_data), imgsz=160, batch=4, workers=0, plots=False, project=str(tmp_path))
-    assert 0 <= metrics.box.map <= 1
+    assert metrics.box.map == pytest.approx(model.trainer.metrics["metrics/mAP50-95(B)"], abs=1e-6)  # the final val
     train_one_epoch(tiny_data, tmp_path / "plain")
     exported = onnx_graph(DEIM(best).export(format="onnx", imgsz=160))
     reference = onnx_graph(DEIM(tmp_path / "plain" / "run" / "weights" / "best.pt").export(format="onnx", imgsz=160))

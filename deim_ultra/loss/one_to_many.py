@@ -30,7 +30,9 @@ CLASS_WEIGHT = 0.3
 POSITIVE_FRACTION = 0.25
 
 
-def assignment_quality(logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor):
+def assignment_quality(
+    logits: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor
+) -> torch.Tensor:
     """(G, Q) quality of every (GT, query) pair of one image (step 1).
 
     Args:
@@ -76,6 +78,6 @@ def one_to_many_assign(logits: torch.Tensor, boxes: torch.Tensor, targets: list[
         gts, counts = best_gt[kept].unique(return_counts=True)
         top_quality, top_query = quality[gts].topk(min(K, num_queries), dim=1)
         take = torch.arange(top_query.shape[1], device=box.device) < counts[:, None]  # the first c of each row
-        scores, order = top_quality[take].sort(stable=True)
+        order = top_quality[take].argsort(stable=True)
         result.append((top_query[take][order], gts[:, None].expand_as(take)[take][order]))
     return result
