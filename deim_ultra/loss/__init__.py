@@ -3,7 +3,8 @@
 from .criterion import DEIMCriterion
 from .localization import box_losses, ddf_loss, distance_bins, fgl_loss, paired_iou
 from .mal import CLASS_LOSSES, focal_loss, mal_loss, vfl_loss
-from .matcher import HungarianMatcher, denoising_indices, one_to_many_assign, union_indices
+from .matcher import HungarianMatcher, denoising_indices, union_indices
+from .one_to_many import one_to_many_assign
 
 __all__ = [
     "CLASS_LOSSES",

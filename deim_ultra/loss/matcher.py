@@ -1,4 +1,5 @@
-"""Query-to-GT assignment: Hungarian one-to-one matching, the union ("GO") set over layers, one-to-many assignment.
+"""Query-to-GT assignment: Hungarian one-to-one matching, the union ("GO") set over layers, the fixed denoising
+assignment (one-to-many: `one_to_many.py`).
 
 An assignment for a batch is a list with one (query_idx, gt_idx) pair of int64 tensors per image, query_idx indexing
 the image's queries and gt_idx its GT boxes (same length; as in DETR's matcher).
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_iou, generalized_box_iou
+from torchvision.ops import generalized_box_iou
 
 from .localization import cxcywh_to_xyxy
 
@@ -107,46 +108,6 @@ def union_indices(matchings: list[Indices], num_gts: list[int]) -> Indices:
         best_count, best_gt = counts.max(1)
         rows = best_count.nonzero().squeeze(1)
         result.append((rows, best_gt[rows]))
-    return result
-
-
-@torch.no_grad()
-def one_to_many_assign(
-    logits: torch.Tensor,
-    boxes: torch.Tensor,
-    targets: list[dict[str, torch.Tensor]],
-    topk: int = 6,
-    iou_threshold: float = 0.4,
-    iou_weight: float = 0.7,
-) -> Indices:
-    """MS-DETR style one-to-many assignment on the primary queries.
-
-    Matching score s = iou_weight * IoU + (1 - iou_weight) * p(GT class). Each query is owned by the GT with its highest
-    score; each GT then takes up to `topk` of its owned queries with IoU >= iou_threshold, best score first.
-
-    Args:
-        logits: (B, Q, C) class logits.
-        boxes: (B, Q, 4) predicted normalised cxcywh boxes.
-        targets: B dicts with "labels" (n_i,) and "boxes" (n_i, 4).
-
-    Returns:
-        B pairs (query_idx, gt_idx) on the predictions' device; each query appears at most once.
-    """
-    result = []
-    for logit, box, t in zip(logits, boxes, targets):
-        n = len(t["labels"])
-        if n == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=box.device)
-            result.append((empty, empty))
-            continue
-        iou = box_iou(cxcywh_to_xyxy(box), cxcywh_to_xyxy(t["boxes"].to(box)))
-        score = iou_weight * iou + (1 - iou_weight) * logit.sigmoid()[:, t["labels"]]
-        owned = torch.zeros_like(iou, dtype=torch.bool).scatter_(1, score.argmax(1, keepdim=True), True)
-        eligible = owned & (iou >= iou_threshold)
-        top_score, top_query = score.masked_fill(~eligible, -1.0).topk(min(topk, len(box)), dim=0)
-        keep = top_score >= 0
-        gt = torch.arange(n, device=box.device).expand_as(top_query)
-        result.append((top_query[keep], gt[keep]))
     return result
 
 
