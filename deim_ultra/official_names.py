@@ -13,6 +13,7 @@ from torch import nn
 from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
+from deim_ultra.nn.lite_encoder import LiteEncoder
 
 
 def official_prefixes(model: nn.Module) -> dict[str, str]:
@@ -25,7 +26,7 @@ def official_prefixes(model: nn.Module) -> dict[str, str]:
         elif isinstance(m, HGStage):
             prefixes[f"backbone.stages.{stages}."] = f"model.{m.i}."
             stages += 1
-        elif isinstance(m, HybridEncoder):
+        elif isinstance(m, (HybridEncoder, LiteEncoder)):
             prefixes["encoder."] = f"model.{m.i}."
         elif isinstance(m, DFINEDecoder):
             prefixes["decoder."] = f"model.{m.i}."

@@ -183,17 +183,15 @@ class DFINEDecoder(RTDETRDecoder):
         # Constants in the state dict under the authors' keys; buffers, so no optimizer or freeze setting sees them.
         self.register_buffer("up", torch.tensor([0.5]))
         self.register_buffer("reg_scale", torch.tensor([float(reg_scale)]))
-        layer = DFINEDecoderLayer(hidden_dim, nhead, ffn_dim, list(num_points), act_cls)
+        layer = self._decoder_layer(hidden_dim, nhead, ffn_dim, list(num_points), act_cls)
         self.decoder = DFINETransformerDecoder(
-            layer, num_layers, self.eval_idx, reg_max, self.up, self.reg_scale, nhead, act_cls
+            layer, num_layers, self.eval_idx, reg_max, self.up, self.reg_scale, nhead, act_cls, self.query_pos_per_layer
         )
         if num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(nc + 1, hidden_dim, padding_idx=nc)
 
-        self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2, act=act_cls)
-        self.enc_output = nn.Sequential(
-            OrderedDict(proj=nn.Linear(hidden_dim, hidden_dim), norm=nn.LayerNorm(hidden_dim))
-        )
+        self.query_pos_head = self._query_pos_head(hidden_dim, act_cls)
+        self.enc_output = self._enc_output(hidden_dim)
         self.enc_score_head = nn.Linear(hidden_dim, nc)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=act_cls)
         anchors, valid_mask = anchor_logits(self._eval_shapes(), torch.empty(0))
@@ -201,10 +199,33 @@ class DFINEDecoder(RTDETRDecoder):
         self.register_buffer("valid_mask", valid_mask)
         self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, act=act_cls)
         self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, nc) for _ in range(num_layers))
-        self.dec_bbox_head = nn.ModuleList(
-            MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=act_cls) for _ in range(num_layers)
-        )
+        self.dec_bbox_head = self._box_heads(hidden_dim, reg_max, num_layers, act_cls)
         self._reset_parameters()
+
+    # The builders below are what DEIMv2's decoder (deim_ultra.nn.deimv2_decoder) changes.
+    query_pos_per_layer = True  # see DFINETransformerDecoder
+
+    @staticmethod
+    def _decoder_layer(
+        hidden_dim: int, nhead: int, ffn_dim: int, num_points: list[int], act: type[nn.Module]
+    ) -> DFINEDecoderLayer:
+        """The layer the stack copies."""
+        return DFINEDecoderLayer(hidden_dim, nhead, ffn_dim, num_points, act)
+
+    @staticmethod
+    def _query_pos_head(hidden_dim: int, act: type[nn.Module]) -> MLP:
+        """Reference box (B, Q, 4) -> query position (B, Q, C)."""
+        return MLP(4, 2 * hidden_dim, hidden_dim, 2, act=act)
+
+    @staticmethod
+    def _enc_output(hidden_dim: int) -> nn.Module:
+        """The projection of the memory before proposals are scored."""
+        return nn.Sequential(OrderedDict(proj=nn.Linear(hidden_dim, hidden_dim), norm=nn.LayerNorm(hidden_dim)))
+
+    @staticmethod
+    def _box_heads(hidden_dim: int, reg_max: int, num_layers: int, act: type[nn.Module]) -> nn.ModuleList:
+        """One edge-distribution head per layer."""
+        return nn.ModuleList(MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=act) for _ in range(num_layers))
 
     @staticmethod
     def _input_projection(channels: int, hidden_dim: int) -> nn.Module:
@@ -223,7 +244,8 @@ class DFINEDecoder(RTDETRDecoder):
         for mlp in (self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head):
             nn.init.zeros_(mlp.layers[-1].weight)
             nn.init.zeros_(mlp.layers[-1].bias)
-        nn.init.xavier_uniform_(self.enc_output.proj.weight)
+        if isinstance(self.enc_output, nn.Sequential):
+            nn.init.xavier_uniform_(self.enc_output.proj.weight)
         for linear in self.query_pos_head.layers:
             nn.init.xavier_uniform_(linear.weight)
 

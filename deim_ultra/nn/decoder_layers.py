@@ -20,20 +20,20 @@ from deim_ultra.nn.fdr import LQE, distance_to_box, distribution_to_distance, we
 
 
 class Gate(nn.Module):
-    """Gated residual: sigmoid(Linear([x1, x2])) weights each input per channel, then LayerNorm.
+    """Gated residual: sigmoid(Linear([x1, x2])) weights each input per channel, then a norm.
 
     Attributes:
         gate (nn.Linear): 2C -> 2C gate logits, zero weight and logit(0.5) bias so both inputs start at weight 0.5.
-        norm (nn.LayerNorm): Output normalisation over C.
+        norm (nn.Module): Output normalisation over C: LayerNorm (D-FINE, DEIM) or RMSNorm (DEIMv2).
     """
 
-    def __init__(self, dim: int):
-        """Create the gate for width `dim`."""
+    def __init__(self, dim: int, norm: type[nn.Module] = nn.LayerNorm):
+        """Create the gate for width `dim`, normalising with `norm(dim)`."""
         super().__init__()
         self.gate = nn.Linear(2 * dim, 2 * dim)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, bias_init_with_prob(0.5))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm(dim)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Mix (B, Q, C) `x1` (the residual stream) and (B, Q, C) `x2` (the cross-attention output) into (B, Q, C)."""
@@ -130,15 +130,23 @@ class DFINEDecoderLayer(nn.Module):
         """
         o2m = None
         if self.cross_attention_first:
-            target = self.gateway(target, self.cross_attn(target + pos, reference, value))
+            target = self.merge_cross_attention(target, self.cross_attn(target + pos, reference, value))
             if self.training and self.o2m_ffn is not None:
                 o2m = self.o2m_ffn(target)
         q = target + pos
         target = self.norm1(target + self.self_attn(q, q, target, attn_mask=attn_mask, need_weights=False)[0])
         if not self.cross_attention_first:
-            target = self.gateway(target, self.cross_attn(target + pos, reference, value))
+            target = self.merge_cross_attention(target, self.cross_attn(target + pos, reference, value))
+        return self.feed_forward(target), o2m
+
+    def merge_cross_attention(self, target: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The gate between the (B, Q, C) queries and their (B, Q, C) cross-attention output."""
+        return self.gateway(target, attended)
+
+    def feed_forward(self, target: torch.Tensor) -> torch.Tensor:
+        """(B, Q, C) -> (B, Q, C): FFN, residual and norm."""
         target = target + self.linear2(self.act(self.linear1(target)))
-        return self.norm3(target.clamp(min=-65504, max=65504)), o2m  # clamp: keep float16 finite before the norm
+        return self.norm3(target.clamp(min=-65504, max=65504))  # keep float16 finite before the norm
 
 
 class DecoderStates(NamedTuple):
@@ -185,7 +193,11 @@ class DFINETransformerDecoder(nn.Module):
         reg_max (int): Index of the last distribution bin.
         eval_idx (int): Non-negative index of the layer reported in eval mode.
         nhead (int): Attention heads.
+        query_pos_per_layer (bool): Embed each layer's reference box as its query position (D-FINE, DEIM); False
+            embeds the initial reference once for all layers (DEIMv2).
     """
+
+    query_pos_per_layer = True  # what stacks pickled before DEIMv2 existed do
 
     def __init__(
         self,
@@ -197,6 +209,7 @@ class DFINETransformerDecoder(nn.Module):
         reg_scale: torch.Tensor,
         nhead: int,
         act: type[nn.Module],
+        query_pos_per_layer: bool = True,
     ):
         """Create the stack from `num_layers` copies of `layer`; `up`/`reg_scale` are the head's constant buffers."""
         super().__init__()
@@ -207,6 +220,7 @@ class DFINETransformerDecoder(nn.Module):
         self.reg_max = reg_max
         self.eval_idx = eval_idx
         self.nhead = nhead
+        self.query_pos_per_layer = query_pos_per_layer
 
     def forward(
         self,
@@ -239,7 +253,8 @@ class DFINETransformerDecoder(nn.Module):
         logits, boxes_list, corners_list, refs, o2m_logits, o2m_boxes = [], [], [], [], [], []
         output, output_detach, corners_prev, ref = target, 0, 0, ref_logits.sigmoid()
         for i, layer in enumerate(self.layers):
-            pos = heads.query_pos_head(ref).clamp(min=-10, max=10)
+            if i == 0 or self.query_pos_per_layer:
+                pos = heads.query_pos_head(ref).clamp(min=-10, max=10)
             output, o2m = layer(output, ref, value, pos, attn_mask)
             if i == 0:
                 pre_boxes = (heads.pre_bbox_head(output) + inverse_sigmoid(ref)).sigmoid()

@@ -118,20 +118,51 @@ class CSPLayer(nn.Module):
         return self.bottlenecks(self.conv1(x)) + self.conv2(x)
 
 
-class RepNCSPELAN4(nn.Module):
-    """ELAN aggregation block with two CSP stages (the encoder's FPN/PAN fusion block).
+class CSPLayer2(nn.Module):
+    """DEIMv2's CSP layer (RepC3-like): one 1x1 conv makes both halves, a + bottlenecks(b).
 
-    cv1 maps to c3 channels and splits them in halves (a, b); c = cv2(b) and d = cv3(c) each have c4 channels;
-    cv4 fuses concat(a, b, c, d) of c3 + 2 * c4 channels to c2.
+    Same function as `CSPLayer` with one conv of 2 * c2 outputs instead of two of c2, as DEIMv2's `csp_type: csp2`
+    builds it (the authors' conv3 is again the identity at expansion 1.0).
 
     Forward: x (B, c1, H, W) -> (B, c2, H, W).
     """
 
-    def __init__(self, c1: int, c2: int, c3: int, c4: int, n: int, act: str | None = "silu") -> None:
+    def __init__(self, c1: int, c2: int, n: int, act: str | None = "silu") -> None:
         super().__init__()
+        self.conv1 = ConvNorm(c1, 2 * c2, 1, act=act)
+        self.bottlenecks = nn.Sequential(*(RepVGGBlock(c2, act=act) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv1(x).chunk(2, 1)
+        return a + self.bottlenecks(b)
+
+
+CSP_LAYERS: dict[str, type[nn.Module]] = {"csp": CSPLayer, "csp2": CSPLayer2}  # the authors' `csp_type` values
+
+
+class RepNCSPELAN4(nn.Module):
+    """ELAN aggregation block with two CSP stages (the encoder's FPN/PAN fusion block).
+
+    cv1 maps to c3 channels and splits them in halves (a, b); c = cv2(b) and d = cv3(c) each have c4 channels;
+    cv4 fuses concat(a, b, c, d) of c3 + 2 * c4 channels to c2. cv2 and cv3 are a CSP layer of kind `csp` ("csp" or
+    DEIMv2's "csp2"), followed by a 3x3 conv-norm when `tail` is set (DEIMv2's `version: deim` block, the authors'
+    RepNCSPELAN5, has none).
+
+    Forward: x (B, c1, H, W) -> (B, c2, H, W).
+    """
+
+    def __init__(
+        self, c1: int, c2: int, c3: int, c4: int, n: int, act: str | None = "silu", csp: str = "csp", tail: bool = True
+    ) -> None:
+        super().__init__()
+        layer = CSP_LAYERS[csp]
+
+        def branch(c_in: int) -> nn.Sequential:
+            return nn.Sequential(layer(c_in, c4, n, act=act), *([ConvNorm(c4, c4, 3, act=act)] if tail else []))
+
         self.cv1 = ConvNorm(c1, c3, 1, act=act)
-        self.cv2 = nn.Sequential(CSPLayer(c3 // 2, c4, n, act=act), ConvNorm(c4, c4, 3, act=act))
-        self.cv3 = nn.Sequential(CSPLayer(c4, c4, n, act=act), ConvNorm(c4, c4, 3, act=act))
+        self.cv2 = branch(c3 // 2)
+        self.cv3 = branch(c4)
         self.cv4 = ConvNorm(c3 + 2 * c4, c2, 1, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

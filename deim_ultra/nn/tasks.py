@@ -29,8 +29,10 @@ from deim_ultra.distributed import in_process_group
 from deim_ultra.loss.criterion import DEIMCriterion
 from deim_ultra.loss.targets import batch_targets, per_image
 from deim_ultra.nn.decoder import DFINEDecoder
+from deim_ultra.nn.deimv2_decoder import DEIMv2Decoder
 from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
+from deim_ultra.nn.lite_encoder import LiteEncoder
 
 
 class Pick(nn.Module):
@@ -48,7 +50,7 @@ class Pick(nn.Module):
 
 
 MODULES: dict[str, type[nn.Module]] = {
-    m.__qualname__: m for m in (HGStem, HGStage, HybridEncoder, Pick, DFINEDecoder)
+    m.__qualname__: m for m in (HGStem, HGStage, HybridEncoder, LiteEncoder, Pick, DFINEDecoder, DEIMv2Decoder)
 }  # by qualified name: DFINEDecoder's __name__ is "RTDETRDecoder" (see deim_ultra.nn.decoder)
 
 
