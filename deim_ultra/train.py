@@ -76,6 +76,7 @@ class DEIMTrainer(RTDETRTrainer):
         self.batch_in_epoch = 0
         self.policy = None
         self.warmup_iters = 0
+        self.matcher_change_epoch: int | None = None
         self.scale_rng = random.Random(self.args.seed)
         self.mixup_rng = torch.Generator().manual_seed(self.args.seed)
         self.nonfinite = NonFiniteSteps(self.args.nonfinite_patience)

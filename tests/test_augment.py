@@ -27,7 +27,7 @@ from deim_ultra.data.batch_transforms import batch_mixup
 from deim_ultra.data.dataset import DEIMDataset
 from deim_ultra.data.stages import STAGE_AUGMENTATION
 from deim_ultra.recipe.schedule import STAGES
-from deim_ultra.recipe.tables import MIXUP_P
+from deim_ultra.recipe.tables import RECIPES
 
 # RGB colour of class k; none is within COLOUR_TOL of another, of the grey background or of the black border fill
 COLOURS = np.array(
@@ -401,7 +401,7 @@ def test_mixup_blends_neighbours_and_keeps_both_box_sets(dtype):
 
 def test_mixup_probability_weights_and_no_fire():
     gen = torch.Generator().manual_seed(0)
-    weights = [batch_mixup(collated_batch(torch.float32), gen, p=MIXUP_P)["mixup"] for _ in range(400)]
+    weights = [batch_mixup(collated_batch(torch.float32), gen, p=RECIPES["n"].mixup)["mixup"] for _ in range(400)]
     fired = [w for w in weights if w != 1.0]
     assert 150 < len(fired) < 250  # p = 0.5
     assert 0.45 <= min(fired) < 0.46 and 0.54 < max(fired) <= 0.55

@@ -53,7 +53,7 @@ def official(parity_fixture: dict) -> tuple[dict, list[dict]]:
 def test_parity_with_official_terms(official):
     data, targets = official
     weights = {name.removeprefix("loss_"): w for name, w in data["loss_weights"].items()}
-    crit = DEIMCriterion(80, weights, "mal", data["mal_gamma"], reg_max=32)
+    crit = DEIMCriterion(80, weights, "mal", data["mal_gamma"], reg_max=32, union_set=True)
     losses = crit(data["outputs"], targets)
     ref = data["loss_terms"]
     assert list(losses) == list(ref)

@@ -66,11 +66,13 @@ _NUMBER = (int, float)
 _NUMBER_KEYS = ("mal_gamma", "loss_mal", "loss_bbox", "loss_giou", "loss_fgl", "loss_ddf", "backbone_lr")
 SETTING_TYPES: dict[str, tuple[type, ...]] = {
     "o2m": (bool,),
+    "union_set": (bool,),
+    "matcher_change_epoch": (int,),
     "freeze_norm": (bool,),
     "warmup_iters": (int,),
     "base_size_repeat": (int,),
     "nonfinite_patience": (int,),
-    **dict.fromkeys((*_NUMBER_KEYS, "ema_decay", "ema_tau", "clip_max_norm"), _NUMBER),
+    **dict.fromkeys((*_NUMBER_KEYS, "ema_decay", "ema_tau", "clip_max_norm", "copyblend"), _NUMBER),
 }
 
 

@@ -108,9 +108,19 @@ class DEIMCriterion(nn.Module):
     Attributes:
         last_pos_per_img: after each forward, the mean number of final-layer primary queries per image that received
             a positive target (Hungarian matches, plus the final layer's one-to-many matches under mixed supervision).
+        quality_matching: match by -p * IoU**4 instead of the weighted cost (DEIMv2's matcher change); the trainer
+            sets it at the recipe's `matcher_change_epoch`.
     """
 
-    def __init__(self, nc: int, weights: dict[str, float], cls_loss: str, mal_gamma: float, reg_max: int | None):
+    def __init__(
+        self,
+        nc: int,
+        weights: dict[str, float],
+        cls_loss: str,
+        mal_gamma: float,
+        reg_max: int | None,
+        union_set: bool,
+    ):
         """Configure the criterion; the settings come from the training arguments (`deim_ultra/cfg/default.yaml`).
 
         Args:
@@ -119,6 +129,12 @@ class DEIMCriterion(nn.Module):
             cls_loss: "mal", "vfl" or "focal".
             mal_gamma: gamma of MAL; VFL and focal loss use the D-FINE recipe's VFL_GAMMA and VFL_ALPHA.
             reg_max: number of distribution bin intervals; None for heads without a distribution (no FGL/DDF).
+            union_set: box terms of the matched layers on the union ("GO") set of all their matches (DEIM); False
+                supervises each layer's boxes by its own match (DEIMv2's small sizes, which have no FGL/DDF).
+                FGL and DDF (weights `fgl`, `ddf`) are left out when both weights are 0.
+
+        Raises:
+            ValueError: For union_set=False with FGL or DDF weighted, a combination no recipe of the authors uses.
         """
         super().__init__()
         if cls_loss not in CLASS_LOSSES:
@@ -132,8 +148,16 @@ class DEIMCriterion(nn.Module):
         self.cls_fn = CLASS_LOSSES[cls_loss]
         self.gamma = mal_gamma if cls_loss == "mal" else VFL_GAMMA
         self.cls_alpha = None if cls_loss == "mal" else VFL_ALPHA
-        self.reg_max = reg_max
+        self.local = bool(self.weights["fgl"] or self.weights["ddf"])
+        if not union_set and self.local and reg_max is not None:
+            raise ValueError(
+                "union_set=False needs loss_fgl=0 and loss_ddf=0: without the union set the distribution terms have "
+                "no supervision the authors defined (DEIMv2's small sizes drop both)"
+            )
+        self.reg_max = reg_max if self.local else None
+        self.union_set = union_set
         self.matcher = HungarianMatcher()
+        self.quality_matching = False
         self.last_pos_per_img = 0.0
 
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -165,22 +189,24 @@ class DEIMCriterion(nn.Module):
         enc = outputs.get("enc_aux_outputs", [])
         suffixes = [f"_aux_{i}" for i in range(len(aux))] + ["_pre"] * len(pre) + [f"_enc_{i}" for i in range(len(enc))]
         layers = [outputs, *aux, *pre, *enc]
-        indices = [self.matcher(o["pred_logits"], o["pred_boxes"], targets) for o in layers]
+        indices = [self.matcher(o["pred_logits"], o["pred_boxes"], targets, self.quality_matching) for o in layers]
         go = union_indices(indices, num_gts)
         num_boxes, num_go = global_counts([sum(num_gts), sum(len(q) for q, _ in go)], device)
 
         bs, nq = outputs["pred_logits"].shape[:2]
+        up, reg_scale = (outputs.get("up"), outputs.get("reg_scale")) if self.reg_max is not None else (None, None)
         primary = BoxSupervision(
             Matched.from_indices(go, targets, device),
             num_go,
-            outputs.get("up"),
-            outputs.get("reg_scale"),
+            up,
+            reg_scale,
             ddf_balance(sum(len(q) for q, _ in go), bs * nq),
         )
         matched = [Matched.from_indices(idx, targets, device) for idx in indices]
         losses = {}
         for out, match, suffix in zip(layers, matched, ["", *suffixes]):
-            terms = self._layer_terms(out, match, num_boxes, primary)
+            sup = primary if self.union_set else BoxSupervision(match, num_boxes, None, None, primary.balance)
+            terms = self._layer_terms(out, match, num_boxes, sup)
             losses.update({f"loss_{k}{suffix}": v for k, v in terms.items()})
 
         if "dn_meta" in outputs:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import generalized_box_iou
+from torchvision.ops import box_iou, generalized_box_iou
 
 from .localization import cxcywh_to_xyxy
 
@@ -34,7 +34,8 @@ def focal_class_cost(prob: torch.Tensor, alpha: float, gamma: float) -> torch.Te
 
 
 class HungarianMatcher(nn.Module):
-    """Optimal one-to-one assignment minimising cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU).
+    """Optimal one-to-one assignment minimising cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU), or, late in
+    a DEIMv2 run (`by_quality`), the matching quality -p * IoU**iou_order alone.
 
     Costs are computed for all (query, GT) pairs of the whole batch in one shot, then each image's diagonal block is
     solved with scipy's linear_sum_assignment.
@@ -47,20 +48,30 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         alpha: float = 0.25,
         gamma: float = 2.0,
+        iou_order: float = 4.0,
     ):
-        """Store the cost coefficients and the focal alpha/gamma of the class cost."""
+        """Store the cost coefficients, the focal alpha/gamma of the class cost and DEIMv2's IoU exponent."""
         super().__init__()
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = alpha, gamma
+        self.iou_order = iou_order
 
     @torch.no_grad()
-    def forward(self, logits: torch.Tensor, boxes: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> Indices:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        targets: list[dict[str, torch.Tensor]],
+        by_quality: bool = False,
+    ) -> Indices:
         """Match queries to GTs.
 
         Args:
             logits: (B, Q, C) class logits.
             boxes: (B, Q, 4) predicted normalised cxcywh boxes.
             targets: B dicts with "labels" (n_i,) and "boxes" (n_i, 4).
+            by_quality: cost -p * IoU**iou_order (p the GT class's probability, plain IoU) instead of the weighted
+                sum: DEIMv2's matcher from its `matcher_change_epoch` on.
 
         Returns:
             B pairs (query_idx, gt_idx), each (min(Q, n_i),) int64 on the CPU.
@@ -74,11 +85,14 @@ class HungarianMatcher(nn.Module):
         gt_boxes = torch.cat([t["boxes"] for t in targets]).float()
         prob = logits.flatten(0, 1).sigmoid()[:, gt_labels]
         pred = boxes.flatten(0, 1)
-        cost = (
-            self.cost_class * focal_class_cost(prob, self.alpha, self.gamma)
-            + self.cost_bbox * torch.cdist(pred, gt_boxes, p=1)
-            - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes))
-        )
+        if by_quality:
+            cost = -prob * box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes)) ** self.iou_order
+        else:
+            cost = (
+                self.cost_class * focal_class_cost(prob, self.alpha, self.gamma)
+                + self.cost_bbox * torch.cdist(pred, gt_boxes, p=1)
+                - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(gt_boxes))
+            )
         cost = cost.nan_to_num(nan=1.0).view(bs, nq, -1).cpu()
         matches = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
         return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(g, dtype=torch.int64)) for q, g in matches]

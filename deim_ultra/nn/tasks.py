@@ -125,6 +125,7 @@ class DEIMCriterionModel(RTDETRDetectionModel):
             cls_loss=cls_loss,
             mal_gamma=deim_arg(args, "mal_gamma"),
             reg_max=getattr(self.model[-1], "reg_max", None),  # Ultralytics' RT-DETR head has no distribution
+            union_set=deim_arg(args, "union_set") is not False,  # None: no recipe said otherwise
         )
 
     def loss(self, batch: dict, preds: tuple | dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,7 +1,7 @@
 """The recipe's per-epoch and per-iteration behaviour, as callbacks on Ultralytics' trainer events.
 
 `DEIMTrainer` adds `CALLBACKS` under a recipe; each reads and sets the trainer's recipe state: `policy` (the stage
-boundaries), `stage`, `warmup_iters` and `batch_in_epoch`.
+boundaries), `stage`, `warmup_iters`, `matcher_change_epoch` and `batch_in_epoch`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ultralytics.utils import LOGGER, colorstr
+from ultralytics.utils.torch_utils import unwrap_model
 
-from deim_ultra.recipe.schedule import close_mosaic_policy, empty_stages, flat_cosine_factor, scale_policy, stage_at
+from deim_ultra.recipe.schedule import (
+    close_mosaic_policy,
+    empty_stages,
+    flat_cosine_factor,
+    scale_epoch,
+    scale_policy,
+    stage_at,
+)
 from deim_ultra.recipe.tables import RECIPES
 from deim_ultra.recipe.tail_restart import keep_best_stage1, restart_tail
 
@@ -31,11 +39,21 @@ def set_policy(trainer: DEIMTrainer) -> None:
     # whole run, so by default it ends with the data-aug warmup at the latest.
     recipe_iters = min(recipe.warmup_iters, policy[0] * len(trainer.train_loader))
     trainer.warmup_iters = trainer.args.warmup_iters if trainer.args.warmup_iters is not None else recipe_iters
+    trainer.matcher_change_epoch = (
+        trainer.args.matcher_change_epoch
+        if trainer.args.matcher_change_epoch is not None
+        else scale_epoch(recipe.matcher_change, recipe.epochs, trainer.epochs)
+    )
     if policy != trainer.policy:
         LOGGER.info(
             f"{colorstr('DEIM schedule:')} recipe {trainer.args.recipe}, policy epochs {list(policy)} of "
             f"{trainer.epochs}: warmup < {policy[0]} <= Dense O2O < {policy[1]} <= augment < {policy[2]} <= "
             f"no-aug tail; lr warmup {trainer.warmup_iters} iterations"
+            + (
+                f"; matcher cost -p*IoU^4 from epoch {trainer.matcher_change_epoch + 1}"
+                if trainer.matcher_change_epoch is not None
+                else ""
+            )
             + (
                 f" (close_mosaic={trainer.args.close_mosaic} moved e1 from {scaled[1]})"
                 if policy[1] != scaled[1] and not trainer.args.policy_epochs
@@ -62,6 +80,15 @@ def apply_stage(trainer: DEIMTrainer) -> None:
     LOGGER.info(f"{colorstr('DEIM schedule:')} epoch {trainer.epoch + 1} enters stage '{stage}'")
 
 
+def apply_matcher(trainer: DEIMTrainer) -> None:
+    """DEIMv2's matcher change: from `matcher_change_epoch` on, match by -p * IoU^4 (`quality_matching`)."""
+    model = unwrap_model(trainer.model)
+    if model.criterion is None:
+        model.criterion = model.init_criterion()
+    change = trainer.matcher_change_epoch
+    model.criterion.quality_matching = change is not None and trainer.epoch >= change
+
+
 def apply_lr(trainer: DEIMTrainer) -> None:
     """FlatCosine: set every parameter group's lr for the current iteration."""
     iteration = trainer.epoch * len(trainer.train_loader) + trainer.batch_in_epoch
@@ -83,6 +110,7 @@ def on_train_epoch_start(trainer: DEIMTrainer) -> None:
     trainer.batch_in_epoch = 0
     restart_tail(trainer)
     apply_stage(trainer)
+    apply_matcher(trainer)
 
 
 def on_fit_epoch_end(trainer: DEIMTrainer) -> None:

@@ -53,6 +53,12 @@ def scale_policy(policy: Policy, recipe_epochs: int, epochs: int) -> Policy:
     return e0, e1, e2
 
 
+def scale_epoch(epoch: int | None, recipe_epochs: int, epochs: int) -> int | None:
+    """A recipe's epoch (e.g. DEIMv2's matcher change) placed in a run of `epochs` by `scale_policy`'s rounding
+    (half up); None stays None. Example: DEIMv2-N's 136 of 160 in a 32-epoch run is 27."""
+    return None if epoch is None else (2 * epoch * epochs + recipe_epochs) // (2 * recipe_epochs)
+
+
 def stage_at(epoch: int, policy: Policy) -> str:
     """The stage of 0-based `epoch`: 'warmup' (< e0), 'dense_o2o' ([e0, e1)), 'aug' ([e1, e2)) or 'no_aug' (>= e2)."""
     return STAGES[sum(epoch >= e for e in policy)]

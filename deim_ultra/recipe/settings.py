@@ -28,7 +28,7 @@ from ultralytics.nn.tasks import yaml_model_load
 
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml
 from deim_ultra.checkpoints.read import checkpoint_model_yaml
-from deim_ultra.recipe.tables import MIXUP_P, MOSAIC_P, MULTI_SCALE, RECIPES
+from deim_ultra.recipe.tables import MOSAIC_P, MULTI_SCALE, RECIPES
 
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
 FIXED = {"optimizer": "AdamW", "warmup_epochs": 0}
@@ -162,7 +162,8 @@ def recipe_overrides(overrides: dict) -> dict:
         "lrf": r.lr_gamma,
         "momentum": 0.9,
         "mosaic": MOSAIC_P,
-        "mixup": MIXUP_P,
+        "mixup": r.mixup,
+        "copyblend": r.copyblend,
         "ema_decay": r.ema_decay,
         "ema_tau": r.ema_tau,
         "clip_max_norm": r.clip_max_norm,

@@ -1,12 +1,14 @@
-"""Every number the authors' per-size configs give (`deim_hgnetv2_<size>_coco.yml` and the files they include),
-in one place; the rest of the package reads them from here.
+"""Every number the authors' per-size configs give (`deim_hgnetv2_<size>_coco.yml`, DEIMv2's
+`deimv2_hgnetv2_<size>_coco.yml`, and the files they include), in one place; the rest of the package reads them from
+here.
 
 - `RECIPES`: schedule, learning rates, weight decay, batch, EMA, clipping, multi-scale repeat, frozen parts.
 - `OFFICIAL_GROUPS`: the AdamW parameter groups, as the configs' regexes on the official parameter names (applied by
   `deim_ultra.recipe.optim.official_param_groups`, which documents the quirks they keep).
-- `MOSAIC_P`, `MIXUP_P`: the Dense O2O stage's mosaic and mixup probabilities; `MULTI_SCALE`: the multi-scale range.
+- `MOSAIC_P`: the Dense O2O stage's mosaic probability; `MULTI_SCALE`: the multi-scale range.
 
-A second model family (DEIMv2) adds its own rows to these tables.
+DEIMv2's rows are named `deimv2-<size>`. Its Atto, Femto and Pico recipes are not here yet: they end the augmentation
+(epoch 400) before the lr cosine and the tail (epoch 468), a fourth boundary this schedule does not have.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Recipe:
         clip_max_norm (float): Gradient clipping max norm.
         freeze_stem (bool): Keep the backbone stem's weights fixed (the authors' `freeze_at: 0` for L and X).
         freeze_norm (bool): Backbone BatchNorm as fixed statistics and affine (the authors' `freeze_norm`).
+        mixup (float): Batch mixup probability per batch in the Dense O2O stage.
+        copyblend (float): DEIMv2's CopyBlend probability per batch in the Dense O2O stage, where mixup was not drawn.
+        matcher_change (int | None): Epoch from which the matcher's cost is -p * IoU^4 (DEIMv2); None: never.
     """
 
     epochs: int
@@ -51,6 +56,9 @@ class Recipe:
     clip_max_norm: float = 0.1
     freeze_stem: bool = False
     freeze_norm: bool = False
+    mixup: float = 0.5
+    copyblend: float = 0.0
+    matcher_change: int | None = None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -59,6 +67,7 @@ RECIPES: dict[str, Recipe] = {
     "m": Recipe(102, (4, 49, 90), 4e-4, 4e-5, 1e-4, 32, 0.5, 6),
     "l": Recipe(58, (4, 29, 50), 5e-4, 2.5e-5, 1.25e-4, 32, 0.5, 4, freeze_stem=True, freeze_norm=True),
     "x": Recipe(58, (4, 29, 50), 5e-4, 5e-6, 1.25e-4, 32, 0.5, 3, freeze_stem=True, freeze_norm=True),
+    "deimv2-n": Recipe(160, (4, 78, 148), 8e-4, 4e-4, 1e-4, 32, 1.0, None, copyblend=0.4, matcher_change=136),
 }
 
 
@@ -73,8 +82,14 @@ _LX_GROUPS = (
     (r"^(?=.*backbone)(?!.*norm|bn).*$", True, True),
     (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", False, False),
 )
-OFFICIAL_GROUPS = {"n": _N_GROUPS, "s": _SM_GROUPS, "m": _SM_GROUPS, "l": _LX_GROUPS, "x": _LX_GROUPS}
+OFFICIAL_GROUPS = {
+    "n": _N_GROUPS,
+    "s": _SM_GROUPS,
+    "m": _SM_GROUPS,
+    "l": _LX_GROUPS,
+    "x": _LX_GROUPS,
+    "deimv2-n": _N_GROUPS,
+}
 
 MOSAIC_P = 0.5  # mosaic probability per image in the Dense O2O stage
-MIXUP_P = 0.5  # batch mixup probability per batch in the Dense O2O stage
 MULTI_SCALE = 0.25  # the multi-scale range as a fraction of imgsz, at which 640 gives the authors' sizes 480 ... 800
