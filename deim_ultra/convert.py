@@ -1,4 +1,5 @@
-"""Convert the authors' DEIM / D-FINE checkpoints (`.pth`) into deim-ultra models.
+"""Convert the authors' DEIM / D-FINE checkpoints (`.pth`) and DEIMv2 checkpoints (`.pth`, or the Hugging Face layout:
+a folder with `model.safetensors`, or that file alone) into deim-ultra models.
 
 Official state dicts group keys as `backbone.stem.*`, `backbone.stages.<i>.*`, `encoder.*` and `decoder.*`. Our
 modules keep the official names below those prefixes, so conversion is a prefix replacement: each official prefix
@@ -11,6 +12,8 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML
 
@@ -28,15 +31,27 @@ TRAINING_ONLY_KEYS = ("decoder.denoising_class_embed.weight",)
 # Buffers computed from the decoder's eval_spatial_size: rebuilt by the model for its YAML's size, never loaded, so a
 # checkpoint trained at another size (e.g. the authors' 320 px configs) converts too.
 DERIVED_KEYS = ("decoder.anchors", "decoder.valid_mask")
+# The model YAMLs of each family, tried in order when a checkpoint's size must be found from its tensors.
+FAMILY_SIZES = {"deim": "nsmlx", "dfine": "nsmlx", "deimv2": ("atto", "femto", "pico", "n")}
+HF_WEIGHTS = "model.safetensors"  # what `PyTorchModelHubMixin.save_pretrained` writes into a Hugging Face repository
 
 
 def load_official_state_dict(src: str | Path | dict) -> dict[str, torch.Tensor]:
     """Return the model state dict of an official checkpoint, preferring its EMA weights.
 
     Args:
-        src (str | Path | dict): A `.pth` path (loaded with `weights_only=True`), a checkpoint dict holding `model`
-            and/or `ema.module`, or a raw state dict.
+        src (str | Path | dict): A `.pth` path (loaded with `weights_only=True`), a `.safetensors` file or a Hugging
+            Face folder holding `model.safetensors` (DEIMv2's releases), a checkpoint dict holding `model` and/or
+            `ema.module`, or a raw state dict.
     """
+    if isinstance(src, (str, Path)) and Path(src).is_dir():
+        if not (Path(src) / HF_WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"'{src}' is a folder without {HF_WEIGHTS} (a Hugging Face DEIMv2 repository has one)"
+            )
+        src = Path(src) / HF_WEIGHTS
+    if isinstance(src, (str, Path)) and Path(src).suffix == ".safetensors":
+        return load_file(src)
     ckpt = read_checkpoint(src) if isinstance(src, (str, Path)) else src
     if "ema" in ckpt:
         return ckpt["ema"]["module"]
@@ -57,6 +72,18 @@ def map_official_keys(state: dict[str, torch.Tensor], prefixes: dict[str, str]) 
         else:
             mapped[name] = value
     return mapped, unmatched
+
+
+def tied_keys(model: nn.Module) -> dict[str, set[str]]:
+    """For each state-dict key of `model` whose tensor other keys share (DEIMv2's shared box head), those other keys.
+
+    `safetensors` stores a shared tensor under one of its names only, so a key missing from a file is not missing
+    when a key it shares its tensor with was loaded.
+    """
+    by_storage: dict[int, set[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        by_storage.setdefault(id(tensor), set()).add(key)
+    return {key: group - {key} for group in by_storage.values() if len(group) > 1 for key in group}
 
 
 def load_official_weights(
@@ -83,7 +110,13 @@ def load_official_weights(
             f"{tuple(mapped[key].shape)} against {tuple(ours[key].shape)}"
         )
     missing, unexpected = model.load_state_dict(mapped, strict=False)
-    required = [rename_official_key(k, official_name) or k for k in missing if k not in training_only | rebuilt]
+    tied = tied_keys(model)
+    loaded_through_tie = {k for k in missing if tied.get(k, set()) & set(mapped)}
+    required = [
+        rename_official_key(k, official_name) or k
+        for k in missing
+        if k not in training_only | rebuilt | loaded_through_tie
+    ]
     unexpected = unmatched + [rename_official_key(k, official_name) for k in unexpected]
     if required or unexpected:
         raise ValueError(
@@ -110,7 +143,9 @@ def fits_shapes(state: dict[str, torch.Tensor], model: DEIMDetectionModel) -> bo
     per_class = class_dependent_keys(model)
     skipped = {rename_official_key(k, prefixes) for k in (*DERIVED_KEYS, *TRAINING_ONLY_KEYS)}
     theirs = {rename_official_key(k, prefixes): v.shape for k, v in state.items() if k not in DERIVED_KEYS}
-    if None in theirs or set(ours) - skipped - set(theirs) or set(theirs) - set(ours):
+    tied = tied_keys(model)
+    absent = {k for k in set(ours) - skipped - set(theirs) if not tied.get(k, set()) & set(theirs)}
+    if None in theirs or absent or set(theirs) - set(ours):
         return False
     # a class-dependent tensor's first dimension is the checkpoint's class count: compare the rest
     return all(ours[k][1:] == shape[1:] if k in per_class else ours[k] == shape for k, shape in theirs.items())
@@ -122,8 +157,16 @@ def is_dfine_file(path: str | Path) -> bool:
     return Path(path).name.lower().startswith("dfine")
 
 
+def official_family(state: dict[str, torch.Tensor], path: str | Path | None = None) -> str:
+    """'dfine' for a file named like the authors' D-FINE files, 'deimv2' for DEIMv2's decoder layers (SwiGLU FFN),
+    else 'deim'."""
+    if path is not None and is_dfine_file(path):
+        return "dfine"
+    return "deimv2" if any(".swish_ffn." in key for key in state) else "deim"
+
+
 def official_yaml(state: dict[str, torch.Tensor], family: str = "deim") -> str:
-    """The shipped YAML of `family` ('deim' or 'dfine') whose layers fit an official state dict.
+    """The shipped YAML of `family` ('deim', 'dfine' or 'deimv2') whose layers fit an official state dict.
 
     DEIM and D-FINE checkpoints of one size have the same tensors (they differ in activations), so the family must
     come from elsewhere (the file name). Candidates are built on the meta device: no memory, no initialisation.
@@ -131,12 +174,13 @@ def official_yaml(state: dict[str, torch.Tensor], family: str = "deim") -> str:
     Raises:
         ValueError: When no size fits, naming the sizes tried.
     """
-    for size in "nsmlx":
+    sizes = FAMILY_SIZES[family]
+    for size in sizes:
         with torch.device("meta"):
             candidate = DEIMDetectionModel(f"{family}-{size}.yaml", verbose=False)
         if fits_shapes(state, candidate):
             return f"{family}-{size}.yaml"
-    raise ValueError(f"no {family}-<n|s|m|l|x>.yaml fits this checkpoint's tensors")
+    raise ValueError(f"no {family}-<{'|'.join(sizes)}>.yaml fits this checkpoint's tensors")
 
 
 def convert_official(
@@ -180,8 +224,7 @@ def convert_official_auto(path: str | Path) -> DEIM:
     state = load_official_state_dict(path)
     name = Path(path).name
     release = release_for_file(name)
-    family = "dfine" if is_dfine_file(name) else "deim"
-    yaml = release.yaml if release else official_yaml(state, family)
+    yaml = release.yaml if release else official_yaml(state, official_family(state, name))
     names = class_names(release.dataset, state["decoder.enc_score_head.weight"].shape[0]) if release else None
     LOGGER.info(
         f"Converting official checkpoint '{path}' with {yaml} (chosen by "

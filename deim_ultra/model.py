@@ -118,11 +118,11 @@ class DEIM(Model):
         """Load a checkpoint or export, refusing `.pt` files that hold neither a DEIM nor an RT-DETR model, and any
         whose pickle could run code (checked before Ultralytics unpickles it, see `deim_ultra.checkpoints.safety`).
 
-        A pretrained name ('deim-s.pt') resolves to its cached file, downloaded the first time; an official `.pth` is
-        converted in memory.
+        A pretrained name ('deim-s.pt') resolves to its cached file, downloaded the first time; an official `.pth` (or
+        DEIMv2's Hugging Face `.safetensors`) is converted in memory.
         """
         weights = str(weights)
-        if Path(weights).suffix == ".pth":
+        if Path(weights).suffix in (".pth", ".safetensors"):
             return self._load_official(weights)
         if weights.endswith(".pt") and not Path(weights).is_file():
             weights = str(pretrained_path(weights) or in_weights_dir(weights) or missing_checkpoint(weights))
@@ -139,7 +139,8 @@ class DEIM(Model):
             )
 
     def _load_official(self, path: str) -> None:
-        """Convert an official DEIM / D-FINE `.pth` in memory (the YAML chosen by `convert_official_auto`)."""
+        """Convert an official DEIM / D-FINE / DEIMv2 `.pth`, or DEIMv2's Hugging Face `.safetensors`, in memory (the
+        YAML chosen by `convert_official_auto`)."""
         from deim_ultra.convert import convert_official_auto
 
         self.model = convert_official_auto(path).model

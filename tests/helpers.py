@@ -42,3 +42,14 @@ def official_weights(yaml: str = "deim-n.yaml", nc: int = 80, seed: int = 0) -> 
             p.add_(0.02 * torch.randn_like(p))
     namer = official_namer(model)
     return {namer(k): v for k, v in model.state_dict().items()}
+
+
+def hugging_face_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What `safetensors` writes for a state dict with tied tensors (DEIMv2's FDR constants, the small sizes' shared
+    box head): each shared tensor under the first of its names only."""
+    kept, seen = {}, set()
+    for key, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            kept[key] = tensor.contiguous()
+    return kept

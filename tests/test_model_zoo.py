@@ -8,13 +8,14 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from ultralytics.utils import ROOT, SETTINGS, YAML
 
 from deim_ultra import DEIM, convert_official
 from deim_ultra.nn.tasks import DEIMDetectionModel
 from deim_ultra.official_names import official_namer
 
-from helpers import deim_cli, official_weights
+from helpers import deim_cli, hugging_face_layout, official_weights
 
 COCO_NAMES = YAML.load(ROOT / "cfg" / "datasets" / "coco.yaml")["names"]
 
@@ -87,6 +88,35 @@ def test_a_name_downloads_converts_caches_and_works_offline_afterwards(mirror, w
     reference = convert_official(state, "dfine-s.yaml").predict(image, **kwargs)[0].boxes
     assert len(boxes) == 20 and torch.allclose(boxes.conf, reference.conf, atol=1e-5)
     assert torch.allclose(boxes.xyxy, reference.xyxy, atol=1e-3)
+
+
+def test_deimv2_by_name_downloads_the_hugging_face_weights(mirror, weights_dir, monkeypatch):
+    folder, url, _ = mirror
+    state = official_weights("deimv2-n.yaml")
+    save_file(hugging_face_layout(state), folder / "DEIMv2_HGNetv2_N_COCO.safetensors")
+    monkeypatch.setenv("DEIM_WEIGHTS_URL", url)
+    model = DEIM("deimv2-n.pt")
+    source = torch.load(weights_dir / "deimv2-n.pt", weights_only=False)["source"]
+    assert source["url"] == f"{url}/DEIMv2_HGNetv2_N_COCO.safetensors"
+    assert model.model.names == COCO_NAMES
+    assert torch.equal(eval_logits(model), eval_logits(convert_official(state, "deimv2-n.yaml")))
+
+
+def test_deimv2_offline_names_the_hugging_face_file(weights_dir):
+    fix = "https://huggingface.co/Intellindust/DEIMv2_HGNetv2_PICO_COCO/resolve/main/model.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"offline.*Fix: download {fix} to .*DEIMv2_HGNetv2_PICO_COCO"):
+        DEIM("deimv2-pico.pt")
+
+
+def test_a_truncated_safetensors_download_is_refused(mirror, weights_dir, monkeypatch):
+    folder, url, _ = mirror
+    path = folder / "DEIMv2_HGNetv2_ATTO_COCO.safetensors"
+    save_file(hugging_face_layout(official_weights("deimv2-n.yaml")), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    monkeypatch.setenv("DEIM_WEIGHTS_URL", url)
+    with pytest.raises(ValueError, match="incomplete or corrupt .safetensors"):
+        DEIM("deimv2-atto.pt")
+    assert not list(weights_dir.glob("*.pt"))
 
 
 @pytest.mark.parametrize(

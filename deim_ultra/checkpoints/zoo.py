@@ -1,10 +1,11 @@
 """Pretrained detectors by name: `DEIM("deim-s.pt")`, `DEIM("dfine-s-obj2coco.pt")`, like `YOLO("yolo26n.pt")`.
 
 Each name stands for one of the authors' released checkpoints. The first time a name is asked for and no file of
-that name exists (current folder, then Ultralytics' weights directory), the official `.pth` is downloaded with
-Ultralytics' own `safe_download` (which follows Google Drive links), checked (not an HTML page, a complete PyTorch
-file that fits the model YAML key by key), converted, and cached in the weights directory as `<name>` with the
-dataset's class names and its provenance (URL and SHA-256 of the file downloaded). Later calls load the cache.
+that name exists (current folder, then Ultralytics' weights directory), the official file (DEIM / D-FINE: a `.pth`
+on Google Drive or GitHub; DEIMv2: the `model.safetensors` of its Hugging Face repository) is downloaded with
+Ultralytics' own `safe_download` (which follows Google Drive links), checked (not an HTML page, a complete file that
+fits the model YAML key by key), converted, and cached in the weights directory as `<name>` with the dataset's class
+names and its provenance (URL and SHA-256 of the file downloaded). Later calls load the cache.
 
 `DEIM_WEIGHTS_URL=<base URL>` fetches `<base URL>/<official file name>` instead, for sites that mirror the files
 internally. An official file already in the weights directory under its own name is converted without a download.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from safetensors.torch import load_file
 from ultralytics import __version__
 from ultralytics.utils import LOGGER, ROOT, YAML, is_online
 from ultralytics.utils.downloads import safe_download
@@ -28,6 +30,7 @@ from deim_ultra.checkpoints.atomic import save_atomically
 from deim_ultra.checkpoints.backbone import weights_dir
 
 DFINE_RELEASE = "https://github.com/Peterande/storage/releases/download/dfinev1.0"
+DEIMV2_HUB = "https://huggingface.co/Intellindust"
 MIRROR_VARIABLE = "DEIM_WEIGHTS_URL"
 HTML_STARTS = (b"<!doctype html", b"<html", b"<!--", b"<head")
 
@@ -52,6 +55,14 @@ def _dfine(size: str, suffix: str, dataset: str = "coco") -> Release:
     return Release(file, f"{DFINE_RELEASE}/{file}", f"dfine-{size}.yaml", dataset)
 
 
+def _deimv2(size: str, backbone: str = "HGNetv2") -> Release:
+    # Hugging Face serves every repository's weights as `model.safetensors`; the file takes the repository's name.
+    repo = f"DEIMv2_{backbone}_{size.upper()}_COCO"
+    return Release(
+        f"{repo}.safetensors", f"{DEIMV2_HUB}/{repo}/resolve/main/model.safetensors", f"deimv2-{size}.yaml", "coco"
+    )
+
+
 # From the authors' READMEs (DEIM: Google Drive links in its model table; D-FINE: GitHub release assets).
 ZOO: dict[str, Release] = {
     "deim-n.pt": _deim("n", 160, "1ZPEhiU9nhW4M5jLnYOFwTSLQC1Ugf62e"),
@@ -63,6 +74,8 @@ ZOO: dict[str, Release] = {
     **{f"dfine-{s}-obj365.pt": _dfine(s, "obj365", "objects365") for s in "smlx"},
     **{f"dfine-{s}-obj2coco.pt": _dfine(s, "obj2coco") for s in "smx"},
     "dfine-l-obj2coco.pt": _dfine("l", "obj2coco_e25"),
+    # DEIMv2's README: the Hugging Face repositories Intellindust/DEIMv2_<backbone>_<SIZE>_COCO.
+    **{f"deimv2-{s}.pt": _deimv2(s) for s in ("atto", "femto", "pico", "n")},
 }
 
 
@@ -110,7 +123,8 @@ def sha256(path: Path) -> str:
 
 
 def check_download(path: Path, source: str, release: Release) -> None:
-    """Raise BadDownloadError unless `path` looks like a complete PyTorch checkpoint (a zip archive that opens).
+    """Raise BadDownloadError unless `path` looks like a complete checkpoint: a PyTorch zip archive that opens, or a
+    `.safetensors` file whose tensors all lie within the file.
 
     Google Drive answers large files with an HTML confirmation page (also what `wget` of a Drive link saves), and an
     interrupted transfer or a broken mirror leaves a truncated archive; neither must be converted or cached.
@@ -123,6 +137,12 @@ def check_download(path: Path, source: str, release: Release) -> None:
             f"{source} is an HTML page, not a checkpoint (Google Drive answers large files with a confirmation "
             f"page). {fix}"
         )
+    if release.file.endswith(".safetensors"):
+        try:
+            load_file(path)  # reads the header and every tensor: a truncated file fails here
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise BadDownloadError(f"{source} is an incomplete or corrupt .safetensors file ({e}). {fix}") from e
+        return
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
