@@ -14,6 +14,7 @@ from deim_ultra.nn.decoder import DFINEDecoder
 from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
 from deim_ultra.nn.lite_encoder import LiteEncoder
+from deim_ultra.nn.spatial_adapter import DINOv3Adapter
 
 
 def official_prefixes(model: nn.Module) -> dict[str, str]:
@@ -21,7 +22,9 @@ def official_prefixes(model: nn.Module) -> dict[str, str]:
     prefixes = {}
     stages = 0
     for m in model.model:
-        if isinstance(m, HGStem):
+        if isinstance(m, DINOv3Adapter):  # DEIMv2's ViT sizes: the whole backbone is one layer
+            prefixes["backbone."] = f"model.{m.i}."
+        elif isinstance(m, HGStem):
             prefixes["backbone.stem."] = f"model.{m.i}."
         elif isinstance(m, HGStage):
             prefixes[f"backbone.stages.{stages}."] = f"model.{m.i}."

@@ -35,6 +35,7 @@ from deim_ultra.data.audit import DatasetError, LabelAudit, check_training_set, 
 from deim_ultra.data.batch_transforms import batch_mixup, resize_batch
 from deim_ultra.data.coco_dataset import COCODEIMDataset, COCORTDETRDataset, is_coco_split
 from deim_ultra.data.coco_layout import coco_data
+from deim_ultra.data.copyblend import batch_copyblend
 from deim_ultra.data.dataset import DEIMDataset, rtdetr_style_dataset
 from deim_ultra.data.stages import stage_augmentation
 from deim_ultra.distributed import in_process_group
@@ -47,6 +48,7 @@ from deim_ultra.recipe import hooks as recipe_hooks
 from deim_ultra.recipe.optim import build_adamw, official_param_groups, param_groups
 from deim_ultra.recipe.schedule import check_policy, ema_decay, multiscale_sizes
 from deim_ultra.recipe.settings import recipe_overrides
+from deim_ultra.recipe.tables import RECIPES
 from deim_ultra.val import DEIMValidator
 
 
@@ -75,10 +77,12 @@ class DEIMTrainer(RTDETRTrainer):
         self.stage = None
         self.batch_in_epoch = 0
         self.policy = None
+        self.data_policy = None
         self.warmup_iters = 0
         self.matcher_change_epoch: int | None = None
         self.scale_rng = random.Random(self.args.seed)
         self.mixup_rng = torch.Generator().manual_seed(self.args.seed)
+        self.copyblend_rng = torch.Generator().manual_seed(self.args.seed + 1)  # leaves mixup's draws as they were
         self.nonfinite = NonFiniteSteps(self.args.nonfinite_patience)
         self.batch_files: tuple[str, ...] = ()
         self.train_audit: LabelAudit | None = None
@@ -320,6 +324,9 @@ class DEIMTrainer(RTDETRTrainer):
         augmentation = stage_augmentation(self.stage)
         if augmentation.mosaic:
             batch = batch_mixup(batch, generator=self.mixup_rng, p=self.args.mixup)
+        copyblend = augmentation.mosaic or (self.stage == "aug" and RECIPES[self.args.recipe].copyblend_in_aug)
+        if self.args.copyblend and copyblend and batch.get("mixup", 1.0) == 1.0:  # DEIMv2: where mixup did not fire
+            batch = batch_copyblend(batch, generator=self.copyblend_rng, p=self.args.copyblend)
         if augmentation.multi_scale:  # one size per batch; [imgsz] alone when multi-scale is off
             sizes = multiscale_sizes(self.args.imgsz, self.args.base_size_repeat, self.args.multi_scale)
             batch = resize_batch(batch, self.scale_rng.choice(sizes))

@@ -53,3 +53,18 @@ def hugging_face_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             seen.add(tensor.data_ptr())
             kept[key] = tensor.contiguous()
     return kept
+
+
+def match_queries(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """For (Q, D) rows of `ours`, the index of the closest row of `ref`; asserts the matching is a permutation."""
+    index = torch.cdist(ours, ref, p=float("inf")).argmin(1)
+    assert len(set(index.tolist())) == len(index), "query matching is not one to one"
+    return index
+
+
+def assert_same_queries(logits, boxes, ref_logits, ref_boxes, atol=1e-4):
+    """Per image, every query's (logits, box) row equals the reference's closest row within `atol` (near-tied
+    encoder scores may select the same queries in another order)."""
+    for i in range(logits.shape[0]):
+        ours, ref = torch.cat([logits[i], boxes[i]], -1), torch.cat([ref_logits[i], ref_boxes[i]], -1)
+        assert (ours - ref[match_queries(ours, ref)]).abs().max() <= atol

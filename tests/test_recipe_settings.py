@@ -196,7 +196,8 @@ def test_the_recipe_tables_cover_every_shipped_model_size():
     from deim_ultra.recipe.tables import OFFICIAL_GROUPS
 
     named = {yaml_model_load(f).get("recipe") for f in CFG_DIR.glob("d*-*.yaml")}
-    assert named == set(RECIPES) == set(OFFICIAL_GROUPS) == {"n", "s", "m", "l", "x"}
+    deimv2 = {f"deimv2-{size}" for size in ("atto", "femto", "pico", "n", "s", "m", "l", "x")}
+    assert named == set(RECIPES) == set(OFFICIAL_GROUPS) == {"n", "s", "m", "l", "x"} | deimv2
 
 
 def test_recipe_auto_is_the_recipe_a_checkpoint_was_built_with(easy_trained, easy_data, tmp_path):

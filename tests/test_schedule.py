@@ -31,7 +31,12 @@ OFFICIAL_N_GROUPS = [
 
 def test_recipes_tail_and_rates():
     """Totals are e2 + the no-aug tail (12 epochs for N/S/M, 8 for L/X); spot-check rates per size."""
-    assert {k: r.epochs - r.policy_epochs[2] for k, r in RECIPES.items()} == {"n": 12, "s": 12, "m": 12, "l": 8, "x": 8}
+    tails = {k: r.epochs - r.policy_epochs[2] for k, r in RECIPES.items()}
+    assert tails == {
+        **{"n": 12, "s": 12, "m": 12, "l": 8, "x": 8},
+        **{"deimv2-atto": 32, "deimv2-femto": 32, "deimv2-pico": 32, "deimv2-n": 12},
+        **{"deimv2-s": 12, "deimv2-m": 12, "deimv2-l": 8, "deimv2-x": 8},
+    }
     n = RECIPES["n"]
     assert (n.lr, n.backbone_lr, n.batch, n.lr_gamma, n.warmup_iters, n.ema_tau) == (8e-4, 4e-4, 128, 1, 2000, 1000)
     assert (RECIPES["x"].backbone_lr, RECIPES["x"].weight_decay, RECIPES["x"].base_size_repeat) == (5e-6, 1.25e-4, 3)

@@ -219,7 +219,7 @@ def deim_transforms(dataset, imgsz: int, stage: str, hyp: IterableSimpleNamespac
         imgsz: output side; images are stretched to imgsz x imgsz (no letterbox padding), as the authors do.
         stage: one of STAGES.
         hyp: settings; reads `fliplr` (horizontal flip probability, DEIM uses 0.5), `bgr` (Format's BGR probability)
-            and `mosaic` (the mosaic probability; a recipe sets `recipe.tables.MOSAIC_P` unless the user gave one).
+            and `mosaic` (the mosaic probability; a recipe sets its `Recipe.mosaic` unless the user gave one).
 
     Returns:
         Compose whose output holds `img` (C, imgsz, imgsz) uint8 RGB tensor, `cls` (N, 1), `bboxes` (N, 4) normalised

@@ -33,6 +33,7 @@ from deim_ultra.nn.deimv2_decoder import DEIMv2Decoder
 from deim_ultra.nn.encoder import HybridEncoder
 from deim_ultra.nn.hgnetv2 import HGStage, HGStem
 from deim_ultra.nn.lite_encoder import LiteEncoder
+from deim_ultra.nn.spatial_adapter import DINOv3Adapter
 
 
 class Pick(nn.Module):
@@ -50,7 +51,8 @@ class Pick(nn.Module):
 
 
 MODULES: dict[str, type[nn.Module]] = {
-    m.__qualname__: m for m in (HGStem, HGStage, HybridEncoder, LiteEncoder, Pick, DFINEDecoder, DEIMv2Decoder)
+    m.__qualname__: m
+    for m in (HGStem, HGStage, DINOv3Adapter, HybridEncoder, LiteEncoder, Pick, DFINEDecoder, DEIMv2Decoder)
 }  # by qualified name: DFINEDecoder's __name__ is "RTDETRDecoder" (see deim_ultra.nn.decoder)
 
 

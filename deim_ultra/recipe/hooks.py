@@ -1,7 +1,8 @@
 """The recipe's per-epoch and per-iteration behaviour, as callbacks on Ultralytics' trainer events.
 
 `DEIMTrainer` adds `CALLBACKS` under a recipe; each reads and sets the trainer's recipe state: `policy` (the stage
-boundaries), `stage`, `warmup_iters`, `matcher_change_epoch` and `batch_in_epoch`.
+boundaries), `data_policy` (the same with e2 moved to the recipe's `aug_end`, when it ends the augmentation
+earlier), `stage`, `warmup_iters`, `matcher_change_epoch` and `batch_in_epoch`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def set_policy(trainer: DEIMTrainer) -> None:
     # whole run, so by default it ends with the data-aug warmup at the latest.
     recipe_iters = min(recipe.warmup_iters, policy[0] * len(trainer.train_loader))
     trainer.warmup_iters = trainer.args.warmup_iters if trainer.args.warmup_iters is not None else recipe_iters
+    aug_end = scale_epoch(recipe.aug_end, recipe.epochs, trainer.epochs)
+    if aug_end is None or trainer.args.policy_epochs:
+        trainer.data_policy = policy
+    else:  # the augmentation ends before the tail: between e1 and e2
+        trainer.data_policy = (*policy[:2], min(max(aug_end, policy[1]), policy[2]))
     trainer.matcher_change_epoch = (
         trainer.args.matcher_change_epoch
         if trainer.args.matcher_change_epoch is not None
@@ -49,6 +55,7 @@ def set_policy(trainer: DEIMTrainer) -> None:
             f"{colorstr('DEIM schedule:')} recipe {trainer.args.recipe}, policy epochs {list(policy)} of "
             f"{trainer.epochs}: warmup < {policy[0]} <= Dense O2O < {policy[1]} <= augment < {policy[2]} <= "
             f"no-aug tail; lr warmup {trainer.warmup_iters} iterations"
+            + (f"; augmentation ends at {trainer.data_policy[2]}" if trainer.data_policy[2] != policy[2] else "")
             + (
                 f"; matcher cost -p*IoU^4 from epoch {trainer.matcher_change_epoch + 1}"
                 if trainer.matcher_change_epoch is not None
@@ -71,7 +78,7 @@ def set_policy(trainer: DEIMTrainer) -> None:
 
 def apply_stage(trainer: DEIMTrainer) -> None:
     """Put the training set in the stage of the current epoch; rebuild the loader's workers when it changes."""
-    stage = stage_at(trainer.epoch, trainer.policy)
+    stage = stage_at(trainer.epoch, trainer.data_policy)
     if stage == trainer.stage:
         return
     trainer.stage = stage

@@ -2,8 +2,9 @@
 counterpart, or refused with a message that names it. None is silently ignored.
 
 Mapped (the Ultralytics key keeps its meaning, DEIM's pipeline honours it):
-    mosaic        probability of DEIM's mosaic per image in the Dense O2O stage (recipe: 0.5)
-    mixup         probability of DEIM's batch mixup per batch in the Dense O2O stage (recipe: 0.5)
+    mosaic        probability of DEIM's mosaic per image in the Dense O2O stage (recipe: 0.5, deimv2-atto 0.3)
+    mixup         probability of DEIM's batch mixup per batch in the Dense O2O stage (recipe: 0.5, DEIMv2's
+                  small sizes 0)
     fliplr, bgr   horizontal flip and channel-swap probabilities of every stage (Ultralytics' defaults 0.5, 0.0)
     lrf           FlatCosine's final lr fraction, reached at e2 (the authors' lr_gamma: N 1.0, S..X 0.5)
     momentum      AdamW's beta1 (recipe: 0.9, the authors' betas (0.9, 0.999))
@@ -28,7 +29,7 @@ from ultralytics.nn.tasks import yaml_model_load
 
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml
 from deim_ultra.checkpoints.read import checkpoint_model_yaml
-from deim_ultra.recipe.tables import MOSAIC_P, MULTI_SCALE, RECIPES
+from deim_ultra.recipe.tables import MULTI_SCALE, RECIPES
 
 # What a recipe runs instead: its own optimizer, its FlatCosine warmup in iterations, its no-aug tail.
 FIXED = {"optimizer": "AdamW", "warmup_epochs": 0}
@@ -57,6 +58,13 @@ NO_EFFECT = {
     "rect": "DETR training uses square batches (so does Ultralytics' RT-DETR trainer)",
     "sampler": "it chooses the attention of exported graphs; pass it to export",
 }
+
+
+# DEIM settings that only a recipe's data pipeline and schedule apply.
+RECIPE_ONLY = (
+    *("copyblend", "matcher_change_epoch", "policy_epochs", "backbone_lr", "warmup_iters", "base_size_repeat"),
+    *("ema_decay", "ema_tau", "clip_max_norm"),
+)
 
 
 def model_yaml(model: str | None) -> dict:
@@ -146,6 +154,9 @@ def recipe_overrides(overrides: dict) -> dict:
     check_effective(overrides)
     name = recipe_name(overrides)
     if name == "none":
+        for key in RECIPE_ONLY:
+            if overrides.get(key) is not None:
+                raise ValueError(f"{key}={overrides[key]} is part of a DEIM recipe; recipe=none cannot honour it")
         return {**overrides, "recipe": "none"}
     check_refused(name, overrides)
     r = RECIPES[name]
@@ -161,9 +172,11 @@ def recipe_overrides(overrides: dict) -> dict:
         "weight_decay": r.weight_decay,
         "lrf": r.lr_gamma,
         "momentum": 0.9,
-        "mosaic": MOSAIC_P,
+        "mosaic": r.mosaic,
         "mixup": r.mixup,
         "copyblend": r.copyblend,
+        "union_set": r.union_set,
+        **({} if r.distribution_losses else {"loss_fgl": 0.0, "loss_ddf": 0.0}),
         "ema_decay": r.ema_decay,
         "ema_tau": r.ema_tau,
         "clip_max_norm": r.clip_max_norm,
