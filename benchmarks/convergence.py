@@ -10,13 +10,15 @@ Rows (select with --rows; seeds with --seeds):
     f  Ultralytics YOLO26n from its YAML with Ultralytics' defaults (what a YOLO user compares against)
     g  DEIM + MS-DETR: row a with `o2m=True` (one-to-many terms on every decoder layer, MS-DETR's layer order)
     h  D-FINE baseline + MS-DETR: row b with `o2m=True`
+    i  DEIMv2-N: deimv2-n.yaml with its own recipe (CopyBlend, the matcher change), against row a's DEIM-N
 
 Writes in --out: `convergence.csv` (row, seed, epoch, mAP50-95, mAP50, seconds per training iteration, peak training
 memory in MiB: the CUDA allocator's peak on a GPU, else the training process's peak resident memory) and
 `convergence.png` (mean per epoch with a min-max band over seeds), and prints final mAP per row, seconds per
-iteration, peak memory, rows g and h against their plain rows (a, b), and the first epoch at which DEIM's mean mAP
+iteration, peak memory, rows g, h and i against rows a, b and a, and the first epoch at which DEIM's mean mAP
 reaches the D-FINE baseline's mean final mAP. With
-`--reference` (CSVs of the authors' per-epoch curves, e.g. ../shared/reference/authors_deim_n_quick.csv: seed, epoch,
+`--reference` (CSVs of the authors' per-epoch curves of the row `--reference-row`, default a, e.g.
+../shared/reference/authors_deim_n_quick.csv or, for row i, authors_deimv2_n_quick.csv: seed, epoch,
 mAP50-95), their band is drawn too, and the distance from it from epoch 20 on is printed for each DEIM seed, for
 DEIM's mean and, with 3 or more authors' seeds, for each authors' seed against the band of the others; with 2 or
 more seeds on both sides, the difference of the means per epoch with Welch's p-value. `--check FINAL GAP` (default
@@ -75,9 +77,11 @@ ROWS = {
     "f": "YOLO26n",
     "g": "DEIM + MS-DETR",
     "h": "D-FINE baseline + MS-DETR",
+    "i": "DEIMv2-N",
 }
-SEEDED_ROWS = ("a", "b", "f", "g", "h")  # rows run for every --seeds value; the others for the first seed only
-PLAIN_ROW = {"g": "a", "h": "b"}  # each MS-DETR row's counterpart without one-to-many supervision
+SEEDED_ROWS = ("a", "b", "f", "g", "h", "i")  # rows run for every --seeds value; the others for the first seed only
+PLAIN_ROW = {"g": "a", "h": "b", "i": "a"}  # the row each is compared with: without MS-DETR; DEIMv2 against DEIM
+ROW_MODEL = {"i": "deimv2-n.yaml"}  # rows with a model of their own (others train --model)
 NO_DENSE_O2O = dict(mosaic=0.0, mixup=0.0)
 # Dense scenes: 200 images of 128 px with 6-12 objects each (14-36 px), so a from-scratch DEIM-N learns it on a
 # 2-core CPU; batch 4 gives the optimizer enough steps per epoch. ../shared/reference holds the authors' runs on it.
@@ -100,6 +104,7 @@ def row_settings(row: str, epochs: int) -> dict:
         "e": dict(recipe="none", cls_loss="vfl"),
         "g": dict(o2m=True),
         "h": dict(cls_loss="vfl", o2m=True, **dfine),
+        "i": {},
     }[row]
 
 
@@ -138,7 +143,7 @@ class MemoryPeak:
 
 def train(row: str, seed: int, args, data: str) -> list[dict]:
     """Train one row with one seed; return its per-epoch validation metrics."""
-    model = YOLO("yolo26n.yaml") if row == "f" else DEIM(args.model)
+    model = YOLO("yolo26n.yaml") if row == "f" else DEIM(ROW_MODEL.get(row, args.model))
     clock = IterationClock()
     model.add_callback("on_train_epoch_start", clock.epoch_start)
     model.add_callback("on_train_epoch_end", clock.epoch_end)
@@ -239,11 +244,11 @@ def read_reference(paths: list[Path] | None) -> dict[int, dict[int, float]]:
     return curves
 
 
-def deim_curves(rows: list[dict]) -> dict[int, dict[int, float]]:
-    """Row a's curves: seed -> epoch -> mAP50-95, seeds in order."""
+def deim_curves(rows: list[dict], row: str = "a") -> dict[int, dict[int, float]]:
+    """`row`'s curves: seed -> epoch -> mAP50-95, seeds in order."""
     curves: dict[int, dict[int, float]] = {}
     for r in sorted(rows, key=lambda r: r["seed"]):
-        if r["row"] == "a":
+        if r["row"] == row:
             curves.setdefault(r["seed"], {})[r["epoch"]] = r["map"]
     return curves
 
@@ -314,7 +319,9 @@ def mean_difference(ours: dict[int, list[float]], theirs: dict[int, list[float]]
     }
 
 
-def summarise(rows: list[dict], reference: dict[int, dict[int, float]], check: tuple[float, float]) -> None:
+def summarise(
+    rows: list[dict], reference: dict[int, dict[int, float]], check: tuple[float, float], reference_row: str = "a"
+) -> None:
     """Print final mAP (mean and range over seeds), seconds per iteration, DEIM's distance from the authors' band
     per seed (and, for calibration, each authors' seed's distance from the band of their other seeds), how often a
     seed and a pair of seeds meet the per-seed `check` (final mAP, gap) on each side, the difference of the two means
@@ -335,19 +342,20 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]], check: t
                 f"{ROWS[row]} vs {ROWS[plain]}: final mAP50-95 {gain:+.3f}, time per iteration "
                 f"x{speed[row] / speed[plain]:.2f}, peak memory x{memory[row] / memory[plain]:.2f}"
             )
-    if reference and "a" in table:
+    row = reference_row  # the row the authors' curves are the reference of
+    if reference and row in table:
         authors = band(reference)
-        for seed, curve in deim_curves(rows).items():
+        for seed, curve in deim_curves(rows, row).items():
             gap, epoch, side = largest_gap(curve, authors)
-            print(f"DEIM seed {seed} vs the authors' band ({len(reference)} seeds), epochs 20+: largest gap {gap:.3f} "
-                  f"at epoch {epoch} ({side}), final {curve[max(curve)]:.3f}")  # fmt: skip
-        mean = {e: statistics.mean(v) for e, v in table["a"].items()}
+            print(f"{ROWS[row]} seed {seed} vs the authors' band ({len(reference)} seeds), epochs 20+: largest gap "
+                  f"{gap:.3f} at epoch {epoch} ({side}), final {curve[max(curve)]:.3f}")  # fmt: skip
+        mean = {e: statistics.mean(v) for e, v in table[row].items()}
         gap, epoch, side = largest_gap(mean, authors)
-        print(f"DEIM's mean vs the authors' band, epochs 20+: largest gap {gap:.3f} at epoch {epoch} ({side})")
-        differences = mean_difference(table["a"], authors)
+        print(f"{ROWS[row]}'s mean vs the authors' band, epochs 20+: largest gap {gap:.3f} at epoch {epoch} ({side})")
+        differences = mean_difference(table[row], authors)
         for epoch, (difference, p) in differences.items():
             if epoch >= 20:
-                print(f"epoch {epoch}: DEIM's mean - the authors' mean {difference:+.3f} (Welch p = {p:.2f})")
+                print(f"epoch {epoch}: {ROWS[row]}'s mean - the authors' mean {difference:+.3f} (Welch p = {p:.2f})")
         if differences:
             epoch = min(differences, key=lambda e: differences[e][1])
             difference, p = differences[epoch]
@@ -357,7 +365,7 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]], check: t
             gap, epoch, side = largest_gap(curve, others)
             print(f"authors' seed {seed} vs the band of their other {len(reference) - 1} seeds, epochs 20+: largest "
                   f"gap {gap:.3f} at epoch {epoch} ({side}), final {curve[max(curve)]:.3f}")  # fmt: skip
-        print_check_rates(rows, reference, *check)
+        print_check_rates(rows, reference, *check, row)
     if "a" in table and "b" in table:
         target = statistics.mean(table["b"][max(table["b"])])
         reached = next((e for e in sorted(table["a"]) if statistics.mean(table["a"][e]) >= target), None)
@@ -368,14 +376,16 @@ def summarise(rows: list[dict], reference: dict[int, dict[int, float]], check: t
             print(f"DEIM's mean mAP reaches the D-FINE baseline's final {target:.3f} at epoch {reached} of {last}")
 
 
-def print_check_rates(rows: list[dict], reference: dict[int, dict[int, float]], final: float, gap: float) -> None:
-    """Print how many of DEIM's seeds, and of their pairs, meet `meets_check` against the authors' whole band, and the
-    same rates for the authors' own seeds held against the band of the others (with 3 or more authors' seeds)."""
+def print_check_rates(
+    rows: list[dict], reference: dict[int, dict[int, float]], final: float, gap: float, row: str = "a"
+) -> None:
+    """Print how many of `row`'s seeds, and of their pairs, meet `meets_check` against the authors' whole band, and
+    the same rates for the authors' own seeds held against the band of the others (with 3 or more authors' seeds)."""
     authors = band(reference)
-    curves = deim_curves(rows)
+    curves = deim_curves(rows, row)
     passed = sum(meets_check(c, authors, final, gap) for c in curves.values())
     check = f"final >= {final:.3f} and within {gap:.3f} of the authors' band from epoch 20"
-    print(f"per-seed check ({check}): DEIM {passed} of {len(curves)} seeds, both seeds of a pair "
+    print(f"per-seed check ({check}): {ROWS[row]} {passed} of {len(curves)} seeds, both seeds of a pair "
           f"{comb(passed, 2)} of {comb(len(curves), 2)} pairs")  # fmt: skip
     if len(reference) > 2:
         (seeds, n_seeds), (pairs, n_pairs) = reference_check_rates(reference, final, gap)
@@ -392,7 +402,7 @@ def plot(rows: list[dict], curves: dict[int, dict[int, float]], title: str, path
     if reference:
         x = sorted(reference)
         ax.fill_between(x, [min(reference[e]) for e in x], [max(reference[e]) for e in x], color="grey", alpha=0.25)
-        ax.plot(x, [statistics.mean(reference[e]) for e in x], color="grey", ls="--", label="authors' DEIM code")
+        ax.plot(x, [statistics.mean(reference[e]) for e in x], color="grey", ls="--", label="authors' code")
     for row, epochs in by_row(rows).items():
         x = sorted(epochs)
         mean = [statistics.mean(epochs[e]) for e in x]
@@ -430,6 +440,9 @@ def main() -> None:
         "--reference", type=Path, nargs="+", help="CSVs of the authors' per-epoch curves (seed, epoch, mAP50-95)"
     )
     parser.add_argument(
+        "--reference-row", default="a", choices=sorted(ROWS), help="the row --reference is the authors' run of"
+    )
+    parser.add_argument(
         "--check", type=float, nargs=2, default=(0.74, 0.03), metavar=("FINAL", "GAP"),
         help="per-seed check against the authors' band: final mAP50-95 at least FINAL, within GAP from epoch 20",
     )  # fmt: skip
@@ -464,7 +477,7 @@ def main() -> None:
     reference = read_reference(args.reference)
     if not args.reference:
         print("no --reference given: the authors' curves are not drawn or compared")
-    summarise(rows, reference, tuple(args.check))
+    summarise(rows, reference, tuple(args.check), args.reference_row)
     plot(
         rows,
         reference,

@@ -32,7 +32,7 @@ TRAINING_ONLY_KEYS = ("decoder.denoising_class_embed.weight",)
 # checkpoint trained at another size (e.g. the authors' 320 px configs) converts too.
 DERIVED_KEYS = ("decoder.anchors", "decoder.valid_mask")
 # The model YAMLs of each family, tried in order when a checkpoint's size must be found from its tensors.
-FAMILY_SIZES = {"deim": "nsmlx", "dfine": "nsmlx", "deimv2": ("atto", "femto", "pico", "n")}
+FAMILY_SIZES = {"deim": "nsmlx", "dfine": "nsmlx", "deimv2": ("atto", "femto", "pico", "n", "s", "m", "l", "x")}
 HF_WEIGHTS = "model.safetensors"  # what `PyTorchModelHubMixin.save_pretrained` writes into a Hugging Face repository
 
 

@@ -13,12 +13,17 @@ from deim_ultra.nn.tasks import DEIMDetectionModel
 from helpers import hugging_face_layout, official_weights
 
 # model.parameters() of the authors' DEIMv2 models (Intellindust-AI-Lab/DEIMv2 0fff8d4, built from their configs on
-# CPU): training layout, then deploy layout. Their README rounds them to 0.5M, 1.0M, 1.5M and 3.6M.
+# CPU): training layout, then deploy layout. Their README rounds the deploy counts to 0.5M, 1.0M, 1.5M, 3.6M, 9.7M,
+# 18.1M, 32.2M and 50.3M.
 AUTHORS_PARAMS = {
     "atto": (508_985, 494_159),
     "femto": (983_945, 962_311),
     "pico": (1_539_539, 1_514_285),
     "n": (3_600_421, 3_571_527),
+    "s": (9_779_838, 9_707_403),
+    "m": (18_357_750, 18_106_355),
+    "l": (32_551_214, 32_178_043),
+    "x": (51_211_736, 50_260_163),
 }
 FDR_CONSTANTS = 2  # `up` and `reg_scale`: frozen parameters in the authors' models, buffers in ours
 IMAGES = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))

@@ -76,6 +76,7 @@ ZOO: dict[str, Release] = {
     "dfine-l-obj2coco.pt": _dfine("l", "obj2coco_e25"),
     # DEIMv2's README: the Hugging Face repositories Intellindust/DEIMv2_<backbone>_<SIZE>_COCO.
     **{f"deimv2-{s}.pt": _deimv2(s) for s in ("atto", "femto", "pico", "n")},
+    **{f"deimv2-{s}.pt": _deimv2(s, "DINOv3") for s in "smlx"},
 }
 
 
