@@ -100,7 +100,7 @@ class DFINEDecoder(RTDETRDecoder):
         label_noise_ratio (float): Denoising label flip probability x 2.
         box_noise_scale (float): Denoising box noise scale.
         feat_strides (list[int]): Stride of each memory level, for the cached eval anchors.
-        eval_spatial_size (tuple[int, int]): (H, W) the `anchors`/`valid_mask` buffers are cached for.
+        eval_spatial_size (tuple[int, int]): (H, W) the `anchors`/`valid_mask` buffers are cached for (static exports).
         out_channels (int): Width of one eval detection row (6), for the model parser.
         input_proj (nn.ModuleList): Per level Identity, or 1x1 conv + BN where the level width differs from hidden_dim.
         decoder (DFINETransformerDecoder): The layer stack.
@@ -318,10 +318,16 @@ class DFINEDecoder(RTDETRDecoder):
         )
 
     def _anchors(self, shapes: list[list[int]], memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached buffers at the eval size, else anchors generated for `shapes` ((1, L, 4) logits, (1, L, 1))."""
-        if not self.dynamic and shapes == self._eval_shapes():
+        """Anchors for `shapes`, (1, L, 4) logits and (1, L, 1) valid, computed in float32 and cast to the memory's
+        dtype; a static export at the eval size bakes the cached buffers instead (refreshed by `convert_to_deploy`).
+
+        Computed rather than cached because Ultralytics saves checkpoints in float16, which moves cached logits by up
+        to 1e-3 and the detections by 1e-4 from the authors' (and from a dynamic export's, which computes them).
+        """
+        if self.export and not self.dynamic and shapes == self._eval_shapes():
             return self.anchors, self.valid_mask
-        return anchor_logits(shapes, memory)
+        anchors, valid_mask = anchor_logits(shapes, memory.new_empty(0, dtype=torch.float32))
+        return anchors.to(memory.dtype), valid_mask
 
     def _get_decoder_input(
         self,
@@ -425,9 +431,11 @@ class DFINEDecoder(RTDETRDecoder):
 
         Layers past `eval_idx` (and their heads) are removed; score heads and LQEs before `eval_idx` become Identity
         so the remaining ones keep their official indices. Box heads before `eval_idx` stay (FDR chains through them).
-        MS-DETR's one-to-many FFNs go; its layer order stays.
+        MS-DETR's one-to-many FFNs go; its layer order stays. The cached anchors are computed again in float32.
         """
         keep = self.eval_idx + 1
+        anchors, self.valid_mask = anchor_logits(self._eval_shapes(), self.anchors.new_empty(0, dtype=torch.float32))
+        self.anchors = anchors.to(self.anchors.dtype)  # exact again after a float16 checkpoint, for static exports
         for layer in self.decoder.layers:
             layer.o2m_ffn = None
         self.dec_score_head = _keep_only(self.dec_score_head, self.eval_idx)

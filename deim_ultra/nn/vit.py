@@ -306,7 +306,9 @@ class VisionTransformer(nn.Module):
         cfg = VIT_VARIANTS[cfg] if isinstance(cfg, str) else cfg
         if sorted(set(indexes)) != list(indexes) or not 0 <= indexes[0] <= indexes[-1] < cfg.depth:
             raise ValueError(f"indexes must be increasing block numbers below {cfg.depth}, got {list(indexes)}")
-        self.cfg = cfg
+        # plain attributes, not the config object: checkpoints pickle modules, and only modules load safely
+        self.storage = cfg.storage_tokens
+        self.dinov3_extras = cfg.dinov3_extras
         self.indexes = list(indexes)
         self.embed_dim = cfg.embed_dim
         self.patch_size = cfg.patch_size
@@ -329,7 +331,7 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
-        if self.cfg.storage_tokens:
+        if self.storage:
             nn.init.normal_(self.storage_tokens, std=0.02)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -346,9 +348,9 @@ class VisionTransformer(nn.Module):
         b = tokens.shape[0]
         h, w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
         cls = self.cls_token
-        if self.cfg.dinov3_extras:
+        if self.dinov3_extras:
             cls = cls + 0 * self.mask_token  # keeps mask_token in the graph: DDP then finds no unused parameter
-        prefix = [cls] + ([self.storage_tokens] if self.cfg.storage_tokens else [])
+        prefix = [cls] + ([self.storage_tokens] if self.storage else [])
         n_prefix = sum(t.shape[1] for t in prefix)
         x = torch.cat([t.expand(b, -1, -1) for t in prefix] + [tokens], dim=1)
 
