@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from deim_ultra import DEIM, convert_official
 from deim_ultra.nn.tasks import DEIMDetectionModel
 
-from helpers import hugging_face_layout, official_weights
+from helpers import hugging_face_layout, official_state, official_weights
 
 # model.parameters() of the authors' DEIMv2 models (Intellindust-AI-Lab/DEIMv2 0fff8d4, built from their configs on
 # CPU): training layout, then deploy layout. Their README rounds the deploy counts to 0.5M, 1.0M, 1.5M, 3.6M, 9.7M,
@@ -86,3 +86,28 @@ def test_a_deimv2_pth_converts_by_its_shapes(tmp_path):
 def test_a_checkpoint_of_another_family_is_not_mistaken_for_deimv2(tmp_path):
     torch.save({"model": official_weights("deim-n.yaml")}, tmp_path / "deim_n.pth")
     assert DEIM(tmp_path / "deim_n.pth").model.yaml["yaml_file"].endswith("deim-n.yaml")
+
+
+@pytest.mark.parametrize("size", ["atto", "pico"])
+def test_pruned_backbones_start_from_the_b0_tensors_that_fit(size, tiny_data, tmp_path, caplog):
+    """The authors' pruned sizes load B0's ImageNet file as far as it fits (Atto's narrower stage 3 keeps fewer)."""
+    torch.manual_seed(1)
+    b0 = official_state(*DEIMDetectionModel("deimv2-n.yaml", verbose=False).hgnetv2_layers())
+    path = tmp_path / "PPHGNetV2_B0_stage1.pth"
+    torch.save({**b0, "head.fc.weight": torch.zeros(1000, 2048)}, path)
+    seen = {}
+    model = DEIM(f"deimv2-{size}.yaml")
+    model.add_callback(
+        "on_pretrain_routine_end",
+        lambda t: seen.update({k: v.clone() for k, v in official_state(*t.model.hgnetv2_layers()).items()}),
+    )
+    caplog.set_level("INFO", logger="ultralytics")
+    model.train(data=str(tiny_data), pretrained=str(path), epochs=1, imgsz=64, batch=4, workers=0, val=False,
+                plots=False, project=str(tmp_path))  # fmt: skip
+    fitting = [k for k, v in seen.items() if k in b0 and b0[k].shape == v.shape and "num_batches" not in k]
+    assert all(torch.equal(seen[k], b0[k]) for k in fitting)
+    assert (
+        f"({len(fitting)} of {sum('num_batches' not in k for k in seen)} tensors fit this pruned backbone"
+        in caplog.text
+    )
+    assert any(k not in b0 or b0[k].shape != seen[k].shape for k in seen) == (size == "atto")

@@ -81,5 +81,7 @@ def init_backbone(model: DEIMDetectionModel, pretrained: object) -> None:
     if path is None:
         LOGGER.info(f"Backbone starts from random weights (pretrained={pretrained})")
         return
-    load_hgnetv2_pretrained(*model.hgnetv2_layers(), path)
-    LOGGER.info(f"Backbone initialised from ImageNet weights '{path}'")
+    partial = bool(model.yaml.get("backbone_weights_partial"))
+    loaded, total = load_hgnetv2_pretrained(*model.hgnetv2_layers(), path, partial=partial)
+    fit = f" ({loaded} of {total} tensors fit this pruned backbone; the others start from random weights)"
+    LOGGER.info(f"Backbone initialised from ImageNet weights '{path}'" + (fit if partial else ""))

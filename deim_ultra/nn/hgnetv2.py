@@ -231,17 +231,25 @@ class HGStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-def load_hgnetv2_pretrained(stem: nn.Module, stages: Sequence[nn.Module], path: str | Path) -> None:
+def load_hgnetv2_pretrained(
+    stem: nn.Module, stages: Sequence[nn.Module], path: str | Path, partial: bool = False
+) -> tuple[int, int]:
     """Load the authors' ImageNet HGNetv2 weights (``PPHGNetV2_B*_stage1.pth``) into a stem and its stages.
 
     The file holds a state dict, or ``{"model": state_dict}``, with keys ``stem.*`` and ``stages.<i>.*``; any other
     key (the classification head) is ignored. Every weight of the stem and of all given stages must be present with
-    the right shape, else nothing is loaded; only BatchNorm's ``num_batches_tracked`` counters may be absent.
+    the right shape, else nothing is loaded; only BatchNorm's ``num_batches_tracked`` counters may be absent. With
+    `partial` (DEIMv2's pruned backbones, which start from B0's file as the authors load it) only the tensors whose
+    name and shape the model shares are loaded, the rest keep their initialisation.
 
     Args:
         stem: an HGStem-compatible module (receives ``stem.*``).
         stages: the stage modules in order (stage i receives ``stages.<i>.*``).
         path: local path of the checkpoint.
+        partial: load the tensors that fit instead of requiring an exact match.
+
+    Returns:
+        (int, int): Tensors loaded, and tensors of the stem and stages (counters excluded).
 
     Raises:
         ValueError: naming the file and the missing, unexpected or wrongly shaped keys when it does not match.
@@ -253,11 +261,16 @@ def load_hgnetv2_pretrained(stem: nn.Module, stages: Sequence[nn.Module], path: 
     backbone = nn.Module()
     backbone.stem = stem
     backbone.stages = nn.ModuleList(stages)
+    ours = {k: v for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")}
     wanted = {k: v for k, v in state.items() if k.startswith(("stem.", "stages."))}
-    problems = _state_mismatches(backbone.state_dict(), wanted)
-    if problems:
-        raise ValueError(f"HGNetv2 checkpoint {path} does not match the model: " + "; ".join(problems))
+    if partial:
+        wanted = {k: v for k, v in wanted.items() if k in ours and v.shape == ours[k].shape}
+    else:
+        problems = _state_mismatches(backbone.state_dict(), wanted)
+        if problems:
+            raise ValueError(f"HGNetv2 checkpoint {path} does not match the model: " + "; ".join(problems))
     backbone.load_state_dict(wanted, strict=False)  # completeness was checked above, counters aside
+    return len(set(wanted) & set(ours)), len(ours)
 
 
 def _state_mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> list[str]:
