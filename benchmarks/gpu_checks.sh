@@ -2,7 +2,8 @@
 # The GPU checks in one run, for a CUDA machine (none has been lent to this project yet; rehearsed with DEV=cpu):
 #   1. smoke: `deim train` DEIM-N (2 epochs) and DEIM-S (1 epoch, multi-scale) on the quick set, then `deim val
 #      half=True` and `deim predict half=True` of the DEIM-N run; the script stops here if any of them fails;
-#   2. latency: benchmarks/latency.py --backends torch (PyTorch fp32 / fp16 on CUDA, batch 1, 640);
+#      and `deim train` DEIMv2-N and DEIMv2-S (1 epoch each: the gate-less and ViT paths under AMP);
+#   2. latency: benchmarks/latency.py --backends torch (PyTorch fp32 / fp16 on CUDA, batch 1, 640), DEIMv2 rows included;
 #   3. the quick set's rows a and f with AMP (seeds 0 1) and row a without AMP (seeds 0 1), side by side;
 #   4. benchmarks/half_precision.py on the AMP-trained seed 0: val mAP in fp32 and fp16, raw-score drift, Inf/NaN;
 #   5. the real fine-tuning recipe: `deim train model=dfine-s-obj2coco.pt data=<deepforest> imgsz=640`, when the
@@ -36,17 +37,19 @@ t "smoke: CLI train / val / predict on $DEV"
 QD=$(mktemp -d)  # the quick set, outside $OUT so its images do not travel back
 python3 -c "from deim_ultra.data.synthetic import make_synthetic_dataset as m; import sys; sys.path.insert(0, 'benchmarks'); from convergence import QUICK_DATA; print(m('$QD', **QUICK_DATA))" > $R/smoke_data.txt 2>&1 || { cat $R/smoke_data.txt; exit 1; }
 Q=$(tail -1 $R/smoke_data.txt)
-timeout 240 bash -c "set -e
+timeout 360 bash -c "set -e
   python3 -m deim_ultra.cli train model=deim-n.yaml data=$Q epochs=$SMOKE_EPOCHS imgsz=128 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=n exist_ok=True
   python3 -m deim_ultra.cli train model=deim-s.yaml data=$Q epochs=1 imgsz=256 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=s exist_ok=True
+  python3 -m deim_ultra.cli train model=deimv2-n.yaml data=$Q epochs=1 imgsz=128 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=v2n exist_ok=True
+  python3 -m deim_ultra.cli train model=deimv2-s.yaml data=$Q epochs=1 imgsz=256 batch=16 device=$DEV workers=2 plots=False project=$R/smoke name=v2s exist_ok=True
   python3 -m deim_ultra.cli val model=$R/smoke/n/weights/last.pt data=$Q imgsz=128 device=$DEV half=True plots=False project=$R/smoke name=val exist_ok=True
   python3 -m deim_ultra.cli predict model=$R/smoke/n/weights/last.pt source=$QD/images/val imgsz=128 device=$DEV half=True save=False project=$R/smoke name=pred exist_ok=True
 " > $R/smoke.log 2>&1
 rc=$?; tail -25 $R/smoke.log; t "smoke rc $rc"; [ $rc = 0 ] || exit 1
 
 t "latency (pytorch)"
-timeout 120 python3 benchmarks/latency.py --backends torch --models deim-n deim-s yolo26n yolo26s rtdetr-l --threads 8 > $R/latency.txt 2>&1; t "latency rc $?"
-tail -14 $R/latency.txt
+timeout 150 python3 benchmarks/latency.py --backends torch --models deim-n deim-s deimv2-atto deimv2-pico deimv2-n deimv2-s yolo26n yolo26s rtdetr-l --threads 8 > $R/latency.txt 2>&1; t "latency rc $?"
+tail -22 $R/latency.txt
 
 t "convergence on the quick set: a, f with AMP (seeds 0 1), a without AMP (seeds 0 1), side by side"
 timeout $CAP python3 benchmarks/convergence.py --quick --rows a f --seeds 0 1 --device $DEV --epochs $EPOCHS --jobs 4 --out $R/amp > $R/amp.txt 2>&1 &

@@ -2,7 +2,8 @@
 
 Exports, from YAML with random weights (latency does not depend on weights), through each model's own Ultralytics
 exporter: DEIM-N and DEIM-S (ONNX, ONNX with `sampler=gather`, OpenVINO), DEIM-N trained with MS-DETR's mixed
-supervision (`deim-n-o2m`: its deploy graph, ONNX and OpenVINO), Ultralytics YOLO11n / YOLO11s, YOLO26n /
+supervision (`deim-n-o2m`: its deploy graph, ONNX and OpenVINO), DEIMv2 Atto, Pico, N and S (ONNX, OpenVINO; all at
+the same `--imgsz`, though Atto's and Femto's recipes train at 320 and 416), Ultralytics YOLO11n / YOLO11s, YOLO26n /
 YOLO26s and RT-DETR-l (ONNX, and OpenVINO for the n models); with `--authors` also the authors' own DEIM-N deploy
 export (built from their code outside this repository, see ../shared/reference/README.md). Then times them
 interleaved: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike;
@@ -37,13 +38,27 @@ MODELS = {
     "deim-n": "deim-n.yaml",
     "deim-s": "deim-s.yaml",
     "deim-n-o2m": "deim-n.yaml",
+    "deimv2-atto": "deimv2-atto.yaml",
+    "deimv2-pico": "deimv2-pico.yaml",
+    "deimv2-n": "deimv2-n.yaml",
+    "deimv2-s": "deimv2-s.yaml",
     "yolo11n": "yolo11n.yaml",
     "yolo11s": "yolo11s.yaml",
     "yolo26n": "yolo26n.yaml",
     "yolo26s": "yolo26s.yaml",
     "rtdetr-l": "rtdetr-l.yaml",
 }
-OPENVINO = {"deim-n", "deim-s", "deim-n-o2m", "yolo11n", "yolo26n"}
+OPENVINO = {
+    "deim-n",
+    "deim-s",
+    "deim-n-o2m",
+    "deimv2-atto",
+    "deimv2-pico",
+    "deimv2-n",
+    "deimv2-s",
+    "yolo11n",
+    "yolo26n",
+}
 GATHER = {"deim-n", "deim-s"}
 O2M = {"deim-n-o2m"}  # built with `o2m: true` added to the YAML
 
