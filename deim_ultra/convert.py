@@ -19,7 +19,7 @@ from ultralytics.utils import LOGGER, ROOT, YAML
 
 from deim_ultra.cfg import DEFAULT_MODEL
 from deim_ultra.checkpoints.read import read_checkpoint
-from deim_ultra.checkpoints.zoo import class_names, release_for_file
+from deim_ultra.checkpoints.zoo import HF_WEIGHTS, class_names, release_for_file
 from deim_ultra.class_transfer import class_dependent_keys
 from deim_ultra.messages import listing
 from deim_ultra.model import DEIM
@@ -33,7 +33,6 @@ TRAINING_ONLY_KEYS = ("decoder.denoising_class_embed.weight",)
 DERIVED_KEYS = ("decoder.anchors", "decoder.valid_mask")
 # The model YAMLs of each family, tried in order when a checkpoint's size must be found from its tensors.
 FAMILY_SIZES = {"deim": "nsmlx", "dfine": "nsmlx", "deimv2": ("atto", "femto", "pico", "n", "s", "m", "l", "x")}
-HF_WEIGHTS = "model.safetensors"  # what `PyTorchModelHubMixin.save_pretrained` writes into a Hugging Face repository
 
 
 def load_official_state_dict(src: str | Path | dict) -> dict[str, torch.Tensor]:
@@ -211,6 +210,11 @@ def convert_official(
         deim.model.args, deim.model.task = deim.overrides, "detect"
     source = f"'{src}'" if isinstance(src, (str, Path)) else "state dict"
     load_official_weights(deim.model, state, source)
+    if any(m.type == "DINOv3Adapter" for m in deim.model.model):
+        LOGGER.warning(
+            f"{source}: DEIMv2's ViT weights derive from Meta's DINOv3 (DINOv3 License Agreement) and carry no licence "
+            "of their own (DEIMv2 issue #167): check both before commercial use"
+        )
     if names is not None:
         deim.model.names = dict(names)
     elif deim.model.yaml["nc"] == 80:

@@ -17,7 +17,7 @@ from ultralytics.utils.checks import check_yaml
 from deim_ultra.cfg import DEFAULT_MODEL, DEIM_CFG_DICT, resolve_data_yaml, resolve_model_yaml
 from deim_ultra.checkpoints.backbone import is_backbone_file, weights_dir
 from deim_ultra.checkpoints.safety import check_checkpoint
-from deim_ultra.checkpoints.zoo import ZOO, pretrained_path
+from deim_ultra.checkpoints.zoo import HF_WEIGHTS, ZOO, pretrained_path
 from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer, check_resumable
@@ -122,8 +122,8 @@ class DEIM(Model):
         DEIMv2's Hugging Face `.safetensors`) is converted in memory.
         """
         weights = str(weights)
-        if Path(weights).suffix in (".pth", ".safetensors"):
-            return self._load_official(weights)
+        if Path(weights).suffix in (".pth", ".safetensors") or (Path(weights) / HF_WEIGHTS).is_file():
+            return self._load_official(weights)  # the authors' file, or DEIMv2's Hugging Face repository folder
         if weights.endswith(".pt") and not Path(weights).is_file():
             weights = str(pretrained_path(weights) or in_weights_dir(weights) or missing_checkpoint(weights))
         if weights.endswith(".pt") and Path(weights).is_file():

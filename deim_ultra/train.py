@@ -26,7 +26,7 @@ from ultralytics.utils import LOCAL_RANK, LOGGER, RANK, WORLD_SIZE, colorstr
 from ultralytics.utils.patches import override_configs
 from ultralytics.utils.torch_utils import torch_distributed_zero_first, unwrap_model
 
-from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, check_setting_types, ultralytics_args
+from deim_ultra.cfg import DEIM_CFG_DICT, DEIM_DEFAULTS, check_setting_types, deim_arg, ultralytics_args
 from deim_ultra.checkpoints.atomic import drop_results_after, publish, strip_atomically
 from deim_ultra.checkpoints.backbone import init_backbone, is_backbone_file
 from deim_ultra.checkpoints.read import check_pretrained_model, check_resumable
@@ -39,6 +39,7 @@ from deim_ultra.data.copyblend import batch_copyblend
 from deim_ultra.data.dataset import DEIMDataset, rtdetr_style_dataset
 from deim_ultra.data.stages import stage_augmentation
 from deim_ultra.distributed import in_process_group
+from deim_ultra.loss.criterion import check_union_set
 from deim_ultra.nn.frozen_norm import freeze_batchnorm
 from deim_ultra.nn.tasks import DEIMDetectionModel, build_detection_model
 from deim_ultra.nonfinite import NonFiniteSteps, restore_buffers
@@ -71,7 +72,9 @@ class DEIMTrainer(RTDETRTrainer):
         # default cfg: DEIM's defaults are merged in here, and callbacks are added only where absent.
         cfg = {**DEIM_CFG_DICT, **cfg2dict(cfg)}
         check_setting_types(overrides or {})
-        super().__init__(cfg=cfg, overrides=recipe_overrides(overrides or {}), _callbacks=_callbacks)
+        overrides = recipe_overrides(overrides or {})
+        check_union_set(*(deim_arg({**cfg, **overrides}, k) for k in ("union_set", "loss_fgl", "loss_ddf")))  # early
+        super().__init__(cfg=cfg, overrides=overrides, _callbacks=_callbacks)
         if LOCAL_RANK != -1:  # one of WORLD_SIZE processes started by torchrun: on CPU Ultralytics counts none, and
             self.world_size = WORLD_SIZE  # across nodes its device count is this node's share only
         self.stage = None

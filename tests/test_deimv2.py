@@ -72,6 +72,7 @@ def test_a_hugging_face_checkpoint_with_a_shared_box_head_converts(tmp_path):
     heads = converted.model.model[-1].dec_bbox_head
     assert heads[0] is heads[2]  # still one module after loading
     assert convert_official(repo, "deimv2-atto.yaml").model.names[0] == "person"  # the folder converts as well
+    assert torch.equal(eval_outputs(DEIM(repo))["pred_logits"], eval_outputs(reference)["pred_logits"])
 
 
 def test_a_deimv2_pth_converts_by_its_shapes(tmp_path):

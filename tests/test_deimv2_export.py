@@ -81,3 +81,23 @@ def test_openvino_export_matches_pytorch(checkpoint, tmp_path):
     with torch.no_grad():
         expected = DEIM(path).model.float().eval()(x[:1])[0].numpy()
     assert matched_difference(got[0], expected[0]) <= 1e-4
+
+
+def test_stock_ultralytics_reads_the_checkpoint_and_its_export_as_rtdetr(checkpoint, tmp_path):
+    """`YOLO(<DEIMv2 .pt>)` and `YOLO(<its ONNX>)` take the RT-DETR pipeline (they know heads by class name), so their
+    boxes are DEIM's own, in pixels; with YOLO's pipeline they would be misread as normalised centres."""
+    from ultralytics import YOLO
+
+    path, x = checkpoint
+    image = (x[0].permute(1, 2, 0).numpy()[..., ::-1] * 255).astype(np.uint8)  # BGR, as Ultralytics reads files
+    settings = dict(imgsz=IMGSZ, conf=0.25, verbose=False)
+    ours = DEIM(path).predict(image, **settings)[0].boxes
+    stock = YOLO(path)
+    assert type(stock).__name__ == "RTDETR"
+    assert len(ours) > 0 and torch.allclose(stock.predict(image, **settings)[0].boxes.data, ours.data, atol=1e-4)
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    exported = YOLO(copy).export(format="onnx", imgsz=IMGSZ)
+    assert type(YOLO(exported)).__name__ == "RTDETR"
+    theirs = YOLO(exported).predict(image, **settings)[0].boxes
+    assert len(theirs) == len(ours) and (theirs.xyxy - ours.xyxy).abs().max() <= 0.05  # pixels, float32 graph

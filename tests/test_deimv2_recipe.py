@@ -19,7 +19,25 @@ def test_the_matcher_changes_its_cost_at_the_scaled_epoch(tiny_data, tmp_path, c
     caplog.set_level(logging.INFO, logger="ultralytics")
     model.train(data=str(tiny_data), epochs=7, project=str(tmp_path), **TINY)
     assert "matcher cost -p*IoU^4 from epoch 7" in caplog.text  # 136 of 160 epochs scaled to 7: 0-based epoch 6
+    assert "epoch 7 matches by -p*IoU^4 from now on" in caplog.text
     assert seen == [False] * 6 + [True]
+
+
+def test_a_run_too_short_for_the_matcher_change_says_so(tiny_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ultralytics")
+    DEIM("deimv2-n.yaml").train(data=str(tiny_data), epochs=2, project=str(tmp_path), **TINY)
+    assert "the matcher change (epoch 3) falls after the run's 2 epochs, so it never happens" in caplog.text
+
+
+def test_union_set_off_with_distribution_terms_is_refused_before_any_work(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="union_set=False needs loss_fgl=0 and loss_ddf=0"):
+        DEIM("deim-n.yaml").train(data=str(tiny_data), epochs=1, union_set=False, project=str(tmp_path), **TINY)
+    assert not any(tmp_path.iterdir())  # refused before the run folder or the dataset scan
+
+
+def test_another_sizes_recipe_is_named(tiny_data, tmp_path, caplog):
+    DEIM("deimv2-atto.yaml").train(data=str(tiny_data), epochs=1, recipe="deimv2-n", project=str(tmp_path), **TINY)
+    assert "recipe=deimv2-n trains deimv2-atto.yaml with another size's recipe (its own: deimv2-atto)" in caplog.text
 
 
 def test_an_explicit_matcher_change_epoch_wins(tiny_data, tmp_path):

@@ -108,6 +108,16 @@ def test_deimv2_offline_names_the_hugging_face_file(weights_dir):
         DEIM("deimv2-pico.pt")
 
 
+def test_a_hugging_face_folder_put_in_the_weights_dir_is_converted_without_download(weights_dir):
+    state = official_weights("deimv2-pico.yaml")
+    repository = weights_dir / "DEIMv2_HGNetv2_PICO_COCO"  # what `huggingface-cli download` leaves
+    repository.mkdir(parents=True)
+    save_file(hugging_face_layout(state), repository / "model.safetensors")
+    model = DEIM("deimv2-pico.pt")  # offline (the tests set YOLO_OFFLINE): nothing to download
+    assert (weights_dir / "deimv2-pico.pt").is_file()
+    assert torch.equal(eval_logits(model), eval_logits(convert_official(state, "deimv2-pico.yaml")))
+
+
 def test_a_truncated_safetensors_download_is_refused(mirror, weights_dir, monkeypatch):
     folder, url, _ = mirror
     path = folder / "DEIMv2_HGNetv2_ATTO_COCO.safetensors"

@@ -79,7 +79,12 @@ def init_backbone(model: DEIMDetectionModel, pretrained: object) -> None:
     """Load into `model`'s HGNetv2 layers the ImageNet file that `pretrained` asks for (see `backbone_weights`)."""
     path = backbone_weights(pretrained, model.yaml.get("backbone_weights"))
     if path is None:
-        LOGGER.info(f"Backbone starts from random weights (pretrained={pretrained})")
+        why = "" if model.yaml.get("backbone_weights") or pretrained is not True else (
+            f": {Path(model.yaml.get('yaml_file', 'this model')).name} names no ImageNet backbone file deim-ultra "
+            "fetches (DEIMv2 S-X: the authors' distilled ViT and DINOv3 weights); start from its COCO weights instead, "
+            "e.g. model=deimv2-s.pt"
+        )  # fmt: skip
+        LOGGER.info(f"Backbone starts from random weights (pretrained={pretrained}){why}")
         return
     partial = bool(model.yaml.get("backbone_weights_partial"))
     loaded, total = load_hgnetv2_pretrained(*model.hgnetv2_layers(), path, partial=partial)

@@ -31,6 +31,7 @@ from deim_ultra.checkpoints.backbone import weights_dir
 
 DFINE_RELEASE = "https://github.com/Peterande/storage/releases/download/dfinev1.0"
 DEIMV2_HUB = "https://huggingface.co/Intellindust"
+HF_WEIGHTS = "model.safetensors"  # what a Hugging Face repository of the authors holds (PyTorchModelHubMixin)
 MIRROR_VARIABLE = "DEIM_WEIGHTS_URL"
 HTML_STARTS = (b"<!doctype html", b"<html", b"<!--", b"<head")
 
@@ -59,7 +60,7 @@ def _deimv2(size: str, backbone: str = "HGNetv2") -> Release:
     # Hugging Face serves every repository's weights as `model.safetensors`; the file takes the repository's name.
     repo = f"DEIMv2_{backbone}_{size.upper()}_COCO"
     return Release(
-        f"{repo}.safetensors", f"{DEIMV2_HUB}/{repo}/resolve/main/model.safetensors", f"deimv2-{size}.yaml", "coco"
+        f"{repo}.safetensors", f"{DEIMV2_HUB}/{repo}/resolve/main/{HF_WEIGHTS}", f"deimv2-{size}.yaml", "coco"
     )
 
 
@@ -220,6 +221,8 @@ def pretrained_path(name: str) -> Path | None:
     if cached.is_file():
         return cached
     provided = weights_dir() / release.file  # the official file, put there by hand as the offline message says
+    repository = weights_dir() / Path(release.file).stem / HF_WEIGHTS  # or DEIMv2's whole Hugging Face download
+    provided = repository if release.file.endswith(".safetensors") and repository.is_file() else provided
     if provided.is_file():
         check_download(provided, f"'{provided}'", release)
         return build_cached(name, release, provided, f"file://{provided}")

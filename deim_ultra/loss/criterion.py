@@ -102,6 +102,15 @@ def as_float32(tree):
     return tree
 
 
+def check_union_set(union_set: bool | None, fgl: float, ddf: float) -> None:
+    """Raise ValueError for `union_set=False` with an FGL or DDF weight, a combination no recipe of the authors uses."""
+    if union_set is False and (fgl or ddf):
+        raise ValueError(
+            f"union_set=False needs loss_fgl=0 and loss_ddf=0 (got {fgl} and {ddf}): without the union set the "
+            "distribution terms have no supervision the authors defined (DEIMv2's small sizes drop both)"
+        )
+
+
 class DEIMCriterion(nn.Module):
     """DEIM loss (MAL, L1, GIoU, FGL, DDF) over every decoder output, reproducing the official criterion's terms.
 
@@ -149,11 +158,8 @@ class DEIMCriterion(nn.Module):
         self.gamma = mal_gamma if cls_loss == "mal" else VFL_GAMMA
         self.cls_alpha = None if cls_loss == "mal" else VFL_ALPHA
         self.local = bool(self.weights["fgl"] or self.weights["ddf"])
-        if not union_set and self.local and reg_max is not None:
-            raise ValueError(
-                "union_set=False needs loss_fgl=0 and loss_ddf=0: without the union set the distribution terms have "
-                "no supervision the authors defined (DEIMv2's small sizes drop both)"
-            )
+        if reg_max is not None:
+            check_union_set(union_set, self.weights["fgl"], self.weights["ddf"])
         self.reg_max = reg_max if self.local else None
         self.union_set = union_set
         self.matcher = HungarianMatcher()

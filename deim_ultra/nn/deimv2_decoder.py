@@ -150,3 +150,8 @@ class DEIMv2Decoder(DFINEDecoder):
         shared = MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, act=act)
         own = super()._box_heads(hidden_dim, reg_max, num_layers - self.eval_idx - 1, act)
         return nn.ModuleList([shared] * (self.eval_idx + 1) + list(own))
+
+
+# Stock Ultralytics recognises RT-DETR heads by class name (see the same line for DFINEDecoder in decoder.py): a
+# subclass does not inherit the assignment, and without it `yolo val` / `YOLO()` take the head for YOLO's.
+DEIMv2Decoder.__name__ = "RTDETRDecoder"

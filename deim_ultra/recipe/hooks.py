@@ -67,6 +67,11 @@ def set_policy(trainer: DEIMTrainer) -> None:
                 else ""
             )
         )
+        if trainer.matcher_change_epoch is not None and trainer.matcher_change_epoch >= trainer.epochs:
+            LOGGER.warning(
+                f"DEIM schedule: the matcher change (epoch {trainer.matcher_change_epoch + 1}) falls after the run's "
+                f"{trainer.epochs} epochs, so it never happens; set matcher_change_epoch (0-based) to place it"
+            )
         empty = empty_stages(policy, trainer.epochs)
         if empty:
             LOGGER.warning(
@@ -93,7 +98,10 @@ def apply_matcher(trainer: DEIMTrainer) -> None:
     if model.criterion is None:
         model.criterion = model.init_criterion()
     change = trainer.matcher_change_epoch
-    model.criterion.quality_matching = change is not None and trainer.epoch >= change
+    quality = change is not None and trainer.epoch >= change
+    if quality and not model.criterion.quality_matching:
+        LOGGER.info(f"{colorstr('DEIM schedule:')} epoch {trainer.epoch + 1} matches by -p*IoU^4 from now on")
+    model.criterion.quality_matching = quality
 
 
 def apply_lr(trainer: DEIMTrainer) -> None:

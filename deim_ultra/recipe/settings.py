@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ultralytics.cfg import DEFAULT_CFG_DICT
 from ultralytics.nn.tasks import yaml_model_load
+from ultralytics.utils import LOGGER
 
 from deim_ultra.cfg import DEIM_CFG_DICT, resolve_model_yaml
 from deim_ultra.checkpoints.read import checkpoint_model_yaml
@@ -81,8 +82,13 @@ def recipe_name(overrides: dict) -> str:
     `none` without one. This is the one place where `auto` is resolved."""
     name = overrides.get("recipe", DEIM_CFG_DICT["recipe"])
     name = "none" if name is None else str(name)  # the shell's `recipe=none` reaches here as None (Ultralytics' parser)
+    own = model_yaml(overrides.get("model")).get("recipe")
     if name == "auto":
-        name = str(model_yaml(overrides.get("model")).get("recipe", "none"))
+        name = str(own or "none")
+    elif own and name not in (own, "none"):
+        LOGGER.warning(
+            f"recipe={name} trains {Path(str(overrides.get('model'))).name} with another size's recipe (its own: {own})"
+        )
     if name != "none" and name not in RECIPES:
         raise ValueError(f"recipe={name} is not one of {', '.join(RECIPES)}, auto or none")
     return name
