@@ -101,3 +101,25 @@ def test_stock_ultralytics_reads_the_checkpoint_and_its_export_as_rtdetr(checkpo
     assert type(YOLO(exported)).__name__ == "RTDETR"
     theirs = YOLO(exported).predict(image, **settings)[0].boxes
     assert len(theirs) == len(ours) and (theirs.xyxy - ours.xyxy).abs().max() <= 0.05  # pixels, float32 graph
+
+
+def test_ultralytics_safe_load_accepts_deimv2_checkpoints(checkpoint, tmp_path):
+    """ULTRALYTICS_SAFE_LOAD=1 (weights-only unpickling with an allow-list) loads DEIMv2's layers too."""
+    import os
+    import subprocess
+    import sys
+
+    path, x = checkpoint
+    torch.save(x[:1], tmp_path / "x.pt")
+    script = (
+        "import torch; from deim_ultra import DEIM; "
+        f"m = DEIM(r'{path}').model.float().eval(); "
+        f"torch.save(m(torch.load(r'{tmp_path / 'x.pt'}'))[0], r'{tmp_path / 'y.pt'}')"
+    )
+    env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = DEIM(path).model.float().eval()(x[:1])[0]
+    got = torch.load(tmp_path / "y.pt").detach().numpy()
+    assert matched_difference(got[0], expected[0].numpy()) <= 1e-5  # another process: near ties may reorder

@@ -18,15 +18,20 @@ from deim_ultra.nn import (
     decoder,
     decoder_layers,
     deformable_attention,
+    deimv2_decoder,
     encoder,
     encoder_blocks,
     fdr,
     hgnetv2,
+    lite_encoder,
+    spatial_adapter,
     tasks,
+    vit,
 )
 
 LAYER_MODULES = (
-    activations, decoder, decoder_layers, deformable_attention, encoder, encoder_blocks, fdr, hgnetv2, tasks
+    activations, decoder, decoder_layers, deformable_attention, deimv2_decoder, encoder, encoder_blocks, fdr, hgnetv2,
+    lite_encoder, spatial_adapter, tasks, vit,
 )  # fmt: skip
 
 
