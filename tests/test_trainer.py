@@ -206,7 +206,7 @@ def test_recipe_trains_ultralytics_rtdetr(data, tmp_path):
         data=str(data),
         project=str(tmp_path),
         name="rt",
-        **{**SETTINGS, "epochs": 2, "imgsz": 64, "policy_epochs": [1, 1, 2], "workers": 0},
+        **{**SETTINGS, "epochs": 2, "imgsz": 64, "recipe": "n", "policy_epochs": [1, 1, 2], "workers": 0},
     )
     assert type(model.trainer.model).__name__ == "RTDETRDEIMModel"
     rows = results(tmp_path / "rt")

@@ -95,7 +95,7 @@ def apply_stage(trainer: DEIMTrainer) -> None:
 def apply_matcher(trainer: DEIMTrainer) -> None:
     """DEIMv2's matcher change: from `matcher_change_epoch` on, match by -p * IoU^4 (`quality_matching`)."""
     model = unwrap_model(trainer.model)
-    if model.criterion is None:
+    if getattr(model, "criterion", None) is None:  # built at the first loss (RT-DETR models: no attribute yet)
         model.criterion = model.init_criterion()
     change = trainer.matcher_change_epoch
     quality = change is not None and trainer.epoch >= change

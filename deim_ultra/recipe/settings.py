@@ -61,11 +61,10 @@ NO_EFFECT = {
 }
 
 
-# DEIM settings that only a recipe's data pipeline and schedule apply.
-RECIPE_ONLY = (
-    *("copyblend", "matcher_change_epoch", "policy_epochs", "backbone_lr", "warmup_iters", "base_size_repeat"),
-    *("ema_decay", "ema_tau", "clip_max_norm"),
-)
+# DEIM settings that only a recipe's data pipeline and schedule apply, refused under recipe=none unless unset or 0.
+# (A recipe run's args.yaml also holds the values the recipe filled in, backbone_lr, ema_decay, ...: reused with
+# recipe=none, those keys cannot be told from a user's and stay unused rather than refused.)
+RECIPE_ONLY = ("copyblend", "matcher_change_epoch", "policy_epochs", "warmup_iters")
 
 
 def model_yaml(model: str | None) -> dict:
@@ -161,7 +160,7 @@ def recipe_overrides(overrides: dict) -> dict:
     name = recipe_name(overrides)
     if name == "none":
         for key in RECIPE_ONLY:
-            if overrides.get(key) is not None:
+            if overrides.get(key) not in (None, 0):
                 raise ValueError(f"{key}={overrides[key]} is part of a DEIM recipe; recipe=none cannot honour it")
         return {**overrides, "recipe": "none"}
     check_refused(name, overrides)
