@@ -1,6 +1,6 @@
 """DEIMv2 exports: one dynamic-batch ONNX graph per size family equal to PyTorch, the GridSample-free variant, and
-OpenVINO. Weights are the authors' parity-fixture states (deimv2_{atto,n,s}_parity.pt): the LiteEncoder with a shared
-box head, the hybrid encoder with the gate, and the ViT with its adapter, which normalises inside the graph."""
+OpenVINO. Weights are the authors' parity-fixture states (deimv2_{atto,s}_parity.pt): the LiteEncoder with a shared
+box head, and the ViT with its adapter (normalising inside the graph), hybrid encoder and gated decoder."""
 
 from collections import Counter
 from pathlib import Path
@@ -27,7 +27,10 @@ def matched_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(cost[rows, cols].max())
 
 
-@pytest.fixture(scope="module", params=("atto", "n", "s"))
+# Atto (LiteEncoder, no gate, shared box head) and S (ViT + adapter, hybrid encoder, gate) cover the DEIMv2 layers
+# but N's CSP2 blocks in the `dfine` version, which ran these tests too before they were trimmed for CI time (dynamic
+# ONNX against PyTorch: 7e-7) and which benchmarks/latency.py exports to ONNX and OpenVINO.
+@pytest.fixture(scope="module", params=("atto", "s"))
 def checkpoint(request, tmp_path_factory) -> tuple[Path, torch.Tensor]:
     """The size's fixture weights saved as a DEIM checkpoint, and 2 fixture images at IMGSZ (the second mirrored)."""
     fx = torch.load(FIXTURES / f"deimv2_{request.param}_parity.pt", weights_only=True)
