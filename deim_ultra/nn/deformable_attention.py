@@ -67,7 +67,7 @@ def bilinear_gather(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 def deformable_sample(
     value: list[torch.Tensor],
-    sampling_locations: torch.Tensor,
+    grids: torch.Tensor,
     attention_weights: torch.Tensor,
     num_points: list[int],
     sampler: str = "grid_sample",
@@ -76,8 +76,8 @@ def deformable_sample(
 
     Args:
         value (list[torch.Tensor]): per level a (B * nhead, D, H_l, W_l) map from `split_value`.
-        sampling_locations (torch.Tensor): (B, Q, nhead, P, 2) normalised x, y in [0, 1], P = sum(num_points), points
-            ordered level by level.
+        grids (torch.Tensor): (B * nhead, Q, P, 2) sampling points, x then y, in grid_sample's [-1, 1] coordinates
+            (align_corners=False: pixel edges at -1 and 1), P = sum(num_points), points ordered level by level.
         attention_weights (torch.Tensor): (B, Q, nhead, P) weights, softmax-normalised over P.
         num_points (list[int]): Points per level.
         sampler (str): "grid_sample" (`F.grid_sample`) or "gather" (`bilinear_gather`, the same numbers without a
@@ -86,9 +86,7 @@ def deformable_sample(
     Returns:
         (torch.Tensor): (B, Q, nhead * D) attended features, head-major channels.
     """
-    b, q, nhead, p, _ = sampling_locations.shape
-    # grid_sample wants [-1, 1] coordinates with align_corners=False (pixel edges at -1 and 1).
-    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # (B * nhead, Q, P, 2)
+    b, q, nhead, p = attention_weights.shape
     samples = [  # each (B * nhead, D, Q, P_l)
         F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
         if sampler == "grid_sample"
@@ -159,10 +157,22 @@ class MSDeformableAttention(nn.Module):
             (torch.Tensor): (B, Q, C) attended features.
         """
         b, q, _ = query.shape
-        p = sum(self.num_points)
-        offsets = self.sampling_offsets(query).reshape(b, q, self.nhead, p, 2)
-        weights = self.attention_weights(query).reshape(b, q, self.nhead, p).softmax(-1)
-        scale = self.num_points_scale.to(query.dtype)[:, None]  # (P, 1)
-        ref = reference[:, :, None, None]  # (B, Q, 1, 1, 4)
-        locations = ref[..., :2] + offsets * scale * ref[..., 2:] * self.offset_scale
-        return deformable_sample(value, locations, weights, self.num_points, self.sampler)
+        n, p = self.nhead, sum(self.num_points)
+        offsets = self.sampling_offsets(query)  # (B, Q, nhead * P * 2): x, y interleaved per head and point
+        weights = self.attention_weights(query).reshape(b, q, n, p).softmax(-1)
+        # grid_sample's [-1, 1] coordinates, 2 * (centre + offset * size * offset_scale / points_of_level) - 1, with the
+        # box spread to the offsets' layout by two small matmuls: broadcasting (B, Q, 1, 2) boxes over runs of 2 values
+        # instead cost ONNX Runtime's CPU kernels ~0.3 ms per product at 300 queries (a quarter of a DEIM-N decoder
+        # layer); each output of these matmuls is a single product, so the numbers are those of the broadcast.
+        size_map, centre_map = self._coordinate_maps(offsets.dtype)
+        grids = offsets * (reference[..., 2:] @ size_map) + (reference[..., :2] @ centre_map - 1)
+        grids = grids.reshape(b, q, n, p, 2).transpose(1, 2).flatten(0, 1)  # (B * nhead, Q, P, 2)
+        return deformable_sample(value, grids, weights, self.num_points, self.sampler)
+
+    def _coordinate_maps(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2, nhead * P * 2) maps from a box's (w, h) and (cx, cy) to every offset's column: column (j, d) takes
+        coordinate d times 2 * offset_scale / points_of_level(j), resp. times 2. Constants, folded into exports."""
+        eye = torch.eye(2, dtype=dtype, device=self.num_points_scale.device)
+        factors = self.num_points_scale.to(dtype).repeat(self.nhead) * (2 * self.offset_scale)  # (nhead * P,)
+        size_map = (factors[:, None, None] * eye).transpose(0, 1).flatten(1)  # [d, (j, d')] = factor_j if d == d'
+        return size_map, 2 * eye.repeat(1, len(factors))
