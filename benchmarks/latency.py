@@ -1,34 +1,49 @@
-"""Latency of exported detectors at batch 1, 640 px, measured side by side in one process.
+"""Latency of exported detectors at batch 1, side by side in one process, with their accuracy on the quick set.
 
-Exports, from YAML with random weights (latency does not depend on weights), through each model's own Ultralytics
-exporter: DEIM-N and DEIM-S (ONNX, ONNX with `sampler=gather`, OpenVINO), DEIM-N trained with MS-DETR's mixed
-supervision (`deim-n-o2m`: its deploy graph, ONNX and OpenVINO), DEIMv2 Atto, Pico, N and S (ONNX, OpenVINO; all at
+Exports each model through its own Ultralytics exporter, once per runtime:
+    onnx            ONNX (opset 18 + onnxslim), ONNX Runtime CPU, float32
+    onnx-int8       the same ONNX statically quantized by ONNX Runtime (Ultralytics' `format=onnx quantize=8`)
+    openvino        OpenVINO IR, OpenVINO CPU at float32
+    openvino-int8   OpenVINO IR quantized by NNCF (Ultralytics' `format=openvino quantize=8`)
+    torch           the PyTorch model itself, fused as Ultralytics' predictor runs it: fp32 and fp16 on a CUDA device,
+                    fp32 on the CPU where there is none (in the default runtimes only where CUDA is)
+INT8 exports calibrate on `--data` (default: the quick set). Models: DEIM-N and DEIM-S (ONNX also with
+`sampler=gather`), DEIM-N trained with MS-DETR's mixed supervision (`deim-n-o2m`), DEIMv2 Atto, Pico, N and S (all at
 the same `--imgsz`, though Atto's and Femto's recipes train at 320 and 416), Ultralytics YOLO11n / YOLO11s, YOLO26n /
-YOLO26s and RT-DETR-l (ONNX, and OpenVINO for the n models); with `--authors` also the authors' own DEIM-N deploy
-export (built from their code outside this repository, see ../shared/reference/README.md). Then times them
-interleaved: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike;
-prints the median ms per model and runtime and its ratio to our DEIM-N on that runtime. ONNX Runtime and OpenVINO
-run on the CPU with `--threads` intra-op threads, OpenVINO at float32 precision (its CPU default is bfloat16 where the
-CPU has it).
-`--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export, grouped by part of
-the network. `--backends` picks the runtimes: `torch` times the PyTorch models themselves (fused, as Ultralytics'
-predictor runs them), in fp32 and fp16 on a CUDA device, in fp32 on the CPU where there is none; it is in the default
-only where CUDA is. Each row's ratio is to our DEIM-N on the same runtime. TensorRT engines are not timed here.
+YOLO26s and RT-DETR-l; OpenVINO and INT8 rows for the small models. With `--authors` also the authors' own DEIM-N
+deploy export (built from their code outside this repository, see ../shared/reference/README.md).
 
-    python benchmarks/latency.py --authors /tmp/authors_export/deim_n_640.onnx --profile
-    python benchmarks/latency.py --models deim-n yolo26n --rounds 5
+Timing: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike. Prints
+per model and runtime the median ms, its ratio to our DEIM-N on the same runtime, and the spread of that ratio over the
+rounds (min-max of the per-round ratios), and the machine's load average before and after. OpenVINO runs at float32
+(`INFERENCE_PRECISION_HINT f32`; its CPU default is bfloat16 where the CPU has it), ONNX Runtime and OpenVINO on
+`--threads` intra-op threads.
+
+`--accuracy` first trains (or reuses, see quick_checkpoints.py) one checkpoint per model on the quick set, times
+exports of those weights, and measures mAP50-95 on the quick set's val split for every model and runtime: the
+checkpoint exported once more at the quick set's 128 px, validated by Ultralytics as a user would (`model.val`; here
+OpenVINO too is held to float32). Writes `latency.csv` and `pareto.png` (mAP50-95 against latency, one colour per
+runtime, the accuracy-latency front drawn) into `--out`.
+`--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export (per-node medians
+over interleaved runs), by part of the network and by operator type.
+
+    python benchmarks/latency.py --authors /tmp/authors_export/deim_n_640.onnx --profile --models deim-n yolo11n
+    python benchmarks/latency.py --accuracy --models deim-n deim-s deimv2-atto deimv2-pico deimv2-n yolo11n yolo26n
     python benchmarks/latency.py --backends torch --threads 8   # on a GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
 import os
 import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +63,26 @@ MODELS = {
     "yolo26s": "yolo26s.yaml",
     "rtdetr-l": "rtdetr-l.yaml",
 }
-OPENVINO = {
-    "deim-n",
-    "deim-s",
-    "deim-n-o2m",
-    "deimv2-atto",
-    "deimv2-pico",
-    "deimv2-n",
-    "deimv2-s",
-    "yolo11n",
-    "yolo26n",
-}
+SMALL = {"deim-n", "deim-s", "deim-n-o2m", "deimv2-atto", "deimv2-pico", "deimv2-n", "deimv2-s", "yolo11n", "yolo26n"}
 GATHER = {"deim-n", "deim-s"}
 O2M = {"deim-n-o2m"}  # built with `o2m: true` added to the YAML
+# runtime: (Ultralytics export arguments, models exported for it)
+RUNTIMES = {
+    "onnx": ({"format": "onnx"}, set(MODELS)),
+    "onnx-int8": ({"format": "onnx", "quantize": 8}, SMALL),
+    "openvino": ({"format": "openvino"}, SMALL),
+    "openvino-int8": ({"format": "openvino", "quantize": 8}, SMALL),
+}
+QUICK_IMGSZ = 128  # the quick set's image size (convergence.py's QUICK_DATA)
+
+
+def model_class(name: str) -> type:
+    """DEIM for deim* names, Ultralytics' RTDETR or YOLO for the others."""
+    from ultralytics import RTDETR, YOLO
+
+    from deim_ultra import DEIM
+
+    return DEIM if name.startswith("deim") else RTDETR if name.startswith("rtdetr") else YOLO
 
 
 def model_yaml(name: str, folder: Path) -> str:
@@ -76,19 +98,15 @@ def model_yaml(name: str, folder: Path) -> str:
     return str(path)
 
 
-def export(name: str, fmt: str, out: Path, imgsz: int, **kwargs) -> Path:
-    """Export model `name` from its YAML into `out` (a copy of the random-weight model per format)."""
-    from ultralytics import RTDETR, YOLO
-
-    from deim_ultra import DEIM
-
-    cls = DEIM if name.startswith("deim") else RTDETR if name.startswith("rtdetr") else YOLO
-    folder = out / f"{name}-{fmt}-{kwargs.get('sampler', 'default')}"
+def export(name: str, weights: Path | None, out: Path, imgsz: int, **kwargs) -> Path:
+    """Export model `name` (its checkpoint `weights`, else its YAML with random weights) into a folder of its own."""
+    cls = model_class(name)
+    tag = "-".join(f"{k}={v}" for k, v in kwargs.items() if k != "data")
+    folder = out / f"{name}-{imgsz}-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
-    model = cls(model_yaml(name, folder))
-    weights = folder / f"{name}.pt"
-    model.save(weights)
-    return Path(cls(weights).export(format=fmt, imgsz=imgsz, verbose=False, **kwargs))
+    source = folder / f"{name}.pt"
+    (cls(weights) if weights else cls(model_yaml(name, folder))).save(source)
+    return Path(cls(source).export(imgsz=imgsz, verbose=False, **kwargs))
 
 
 class OnnxRunner:
@@ -112,14 +130,17 @@ class OnnxRunner:
         self.session.run(None, self.feed)
 
 
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+
+
 class OpenVinoRunner:
-    """An OpenVINO CPU model compiled for latency at float32, fed one random batch."""
+    """An OpenVINO CPU model compiled for latency at float32 (int8 where quantized), fed one random batch."""
 
     def __init__(self, folder: Path, imgsz: int, threads: int):
         import openvino as ov
 
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+        config = {**OPENVINO_CONFIG, "INFERENCE_NUM_THREADS": threads}
         self.model = core.compile_model(core.read_model(next(folder.glob("*.xml"))), "CPU", config)
         self.x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
 
@@ -128,18 +149,15 @@ class OpenVinoRunner:
 
 
 class TorchRunner:
-    """The PyTorch model from its YAML, fused and in eval mode: fp32 or fp16 on CUDA, fp32 on the CPU without one."""
+    """The PyTorch model (checkpoint or YAML), fused, in eval mode: fp32 or fp16 on CUDA, fp32 on the CPU."""
 
-    def __init__(self, name: str, imgsz: int, half: bool):
+    def __init__(self, name: str, weights: Path | None, imgsz: int, half: bool):
         import torch
-        from ultralytics import RTDETR, YOLO
 
-        from deim_ultra import DEIM
-
-        cls = DEIM if name.startswith("deim") else RTDETR if name.startswith("rtdetr") else YOLO
         self.torch, self.cuda = torch, torch.cuda.is_available()
         device, dtype = ("cuda" if self.cuda else "cpu"), (torch.half if half else torch.float)
-        self.model = cls(model_yaml(name, Path(tempfile.mkdtemp()))).model.to(device).eval().fuse().to(dtype)
+        model = model_class(name)(weights or model_yaml(name, Path(tempfile.mkdtemp())))
+        self.model = model.model.to(device).float().eval().fuse().to(dtype)
         self.x = torch.rand(1, 3, imgsz, imgsz, device=device, dtype=dtype)
 
     def __call__(self) -> None:
@@ -147,6 +165,35 @@ class TorchRunner:
             self.model(self.x)
         if self.cuda:
             self.torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def openvino_float32() -> Iterator[None]:
+    """Make Ultralytics' OpenVINO backend compile at float32, as the timed runners do (it keeps the CPU default,
+    bfloat16 on CPUs that have it, whose scores differ from PyTorch by up to 0.02)."""
+    import openvino as ov
+
+    compile_model = ov.Core.compile_model
+
+    def float32(self, model, device_name=None, config=None):
+        return compile_model(self, model, device_name, {**(config or {}), "INFERENCE_PRECISION_HINT": "f32"})
+
+    ov.Core.compile_model = float32
+    try:
+        yield
+    finally:
+        ov.Core.compile_model = compile_model
+
+
+def quick_map(name: str, runtime: str, weights: Path, data: str, out: Path) -> float:
+    """mAP50-95 on the quick set's val split of `weights` run on `runtime`, validated through Ultralytics."""
+    if runtime.startswith("pytorch"):
+        model = weights
+    else:
+        model = export(name, weights, out / "accuracy", QUICK_IMGSZ, data=data, **RUNTIMES[runtime][0])
+    with openvino_float32():
+        metrics = model_class(name)(model).val(data=data, imgsz=QUICK_IMGSZ, batch=1, plots=False, verbose=False)
+    return float(metrics.box.map)
 
 
 def region(node: str, op: str) -> str:
@@ -165,19 +212,109 @@ def region(node: str, op: str) -> str:
     return "query selection, heads, other"
 
 
-def profile(path: Path, imgsz: int, threads: int, runs: int) -> dict[str, float]:
-    """Mean ms per inference spent in each region of `path`, from ONNX Runtime's profiler over `runs` runs."""
-    runner = OnnxRunner(path, imgsz, threads, profile=True)
-    for _ in range(runs):
-        runner()
-    trace = Path(runner.session.end_profiling())
-    totals = defaultdict(float)
-    for event in json.loads(trace.read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            node, op = event["name"].removesuffix("_kernel_time"), event["args"].get("op_name", "")
-            totals[region(node, op)] += event["dur"] / 1000 / runs
-    trace.unlink()
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+def profile(graphs: dict[str, Path], imgsz: int, threads: int, runs: int) -> dict[str, dict[tuple[str, str], float]]:
+    """Per graph, the median ms per inference of each (node, operator) from ONNX Runtime's profiler, the graphs run
+    in turn `runs` times (the first 5 runs of each dropped as warm-up)."""
+    runners = {who: OnnxRunner(path, imgsz, threads, profile=True) for who, path in graphs.items()}
+    for _ in range(runs + 5):
+        for runner in runners.values():
+            runner()
+    nodes = {}
+    for who, runner in runners.items():
+        trace = Path(runner.session.end_profiling())
+        times = defaultdict(list)
+        for event in json.loads(trace.read_text()):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                key = (event["name"].removesuffix("_kernel_time"), event["args"].get("op_name", ""))
+                times[key].append(event["dur"] / 1000)
+        trace.unlink()
+        # A node may run more than once per inference; the median per call times the calls per inference.
+        nodes[who] = {key: statistics.median(t[5:]) * len(t) / (runs + 5) for key, t in times.items()}
+    return nodes
+
+
+def print_profile(nodes: dict[str, dict[tuple[str, str], float]]) -> None:
+    """Tables of the profile by part of the network and by operator type, largest first."""
+    for title, group in (("part", lambda node, op: region(node, op)), ("operator", lambda node, op: op)):
+        sums = {who: defaultdict(float) for who in nodes}
+        for who, per_node in nodes.items():
+            for (node, op), ms in per_node.items():
+                sums[who][group(node, op)] += ms
+        keys = sorted({k for s in sums.values() for k in s}, key=lambda k: -max(s.get(k, 0.0) for s in sums.values()))
+        print(f"\nONNX Runtime profile of DEIM-N by {title}, median ms per inference (kernel time only)")
+        print(f"| {title} | " + " | ".join(sums) + " |")
+        print("|---|" + "---|" * len(sums))
+        for key in keys:
+            if max(s.get(key, 0.0) for s in sums.values()) >= 0.05:
+                print(f"| {key} | " + " | ".join(f"{s.get(key, 0.0):.2f}" for s in sums.values()) + " |")
+        print("| total | " + " | ".join(f"{sum(s.values()):.2f}" for s in sums.values()) + " |")
+
+
+def time_interleaved(runners: dict, rounds: int, runs: int) -> dict[tuple[str, str], list[list[float]]]:
+    """Per runner, `rounds` lists of `runs` times in ms, every runner taking its turn in each round."""
+    for run in runners.values():  # warm-up: first runs allocate and tune
+        for _ in range(3):
+            run()
+    times = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, run in runners.items():
+            ms = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                run()
+                ms.append((time.perf_counter() - start) * 1000)
+            times[key].append(ms)
+    return times
+
+
+def summarise(times: dict[tuple[str, str], list[list[float]]]) -> list[dict]:
+    """Median ms per (model, runtime), its ratio to our DEIM-N on the same runtime and that ratio's min-max over rounds
+    (each round's median against DEIM-N's median of the same round)."""
+    rows = []
+    for (name, runtime), rounds in times.items():
+        row = dict(model=name, runtime=runtime, ms=statistics.median(t for r in rounds for t in r))
+        base = times.get(("deim-n", runtime.replace(", sampler=gather", "")))
+        if base:
+            ratios = [statistics.median(r) / statistics.median(b) for r, b in zip(rounds, base)]
+            base_ms = statistics.median(t for r in base for t in r)
+            row.update(ratio=row["ms"] / base_ms, ratio_min=min(ratios), ratio_max=max(ratios))
+        rows.append(row)
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both latency (lower) and mAP (higher), by increasing latency."""
+    front, best = [], -1.0
+    for ms, m in sorted(points, key=lambda p: (p[0], -p[1])):
+        if m > best:
+            front.append((ms, m))
+            best = m
+    return front
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """mAP50-95 against median latency, one colour per runtime, each point named, the front over all drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("map") is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for runtime in dict.fromkeys(r["runtime"] for r in rows):
+        points = [r for r in rows if r["runtime"] == runtime]
+        ax.scatter([r["ms"] for r in points], [r["map"] for r in points], label=runtime, s=36)
+        for r in points:
+            ax.annotate(r["model"], (r["ms"], r["map"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front([(r["ms"], r["map"]) for r in rows])
+    ax.plot(*zip(*front), "k--", lw=0.8, alpha=0.6, label="front (faster and better than the rest)")
+    ax.set_xlabel("latency, median ms per image")
+    ax.set_ylabel("mAP50-95, quick set")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def torch_runtimes() -> list[str]:
@@ -187,77 +324,102 @@ def torch_runtimes() -> list[str]:
     return ["pytorch fp32 (cuda)", "pytorch fp16 (cuda)"] if torch.cuda.is_available() else ["pytorch fp32 (cpu)"]
 
 
+def build_runners(args, weights: dict[str, Path | None], out: Path) -> tuple[dict[tuple[str, str], Callable], dict]:
+    """A runner per (model, runtime) to time, and our DEIM-N's ONNX file (for the profile)."""
+    runners, onnx_files = {}, {}
+    for name in args.models:
+        for runtime in args.backends:
+            if runtime == "torch":
+                for label in torch_runtimes():
+                    runners[name, label] = TorchRunner(name, weights[name], args.imgsz, half="fp16" in label)
+                continue
+            kwargs, models = RUNTIMES[runtime]
+            if name not in models:
+                continue
+            path = export(name, weights[name], out, args.imgsz, data=args.data, **kwargs)
+            if kwargs["format"] == "onnx":
+                runners[name, runtime] = OnnxRunner(path, args.imgsz, args.threads)
+                if runtime == "onnx":
+                    onnx_files[name] = path
+                if runtime == "onnx" and name in GATHER:
+                    path = export(name, weights[name], out, args.imgsz, sampler="gather", format="onnx")
+                    runners[name, "onnx, sampler=gather"] = OnnxRunner(path, args.imgsz, args.threads)
+            else:
+                runners[name, runtime] = OpenVinoRunner(path, args.imgsz, args.threads)
+    return runners, onnx_files
+
+
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    parser.add_argument("--backends", nargs="+", choices=["onnx", "openvino", "torch"], default=None)
+    parser.add_argument("--backends", nargs="+", choices=[*RUNTIMES, "torch"], default=None)
     parser.add_argument("--authors", type=Path, help="the authors' DEIM-N ONNX export (their deploy graph)")
+    parser.add_argument("--accuracy", action="store_true", help="time quick-set checkpoints and measure their mAP")
+    parser.add_argument("--data", default=None, help="INT8 calibration data (default: the quick set)")
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="export folder (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
-    backends = args.backends or ["onnx", "openvino"] + (["torch"] if torch.cuda.is_available() else [])
+    args.backends = args.backends or ["onnx", "openvino"] + (["torch"] if torch.cuda.is_available() else [])
     os.environ.setdefault("YOLO_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    out = args.out or Path(tempfile.mkdtemp(prefix="deim-latency-"))
+    out = (args.out or Path(tempfile.mkdtemp(prefix="deim-latency-"))).resolve()
+    out.mkdir(parents=True, exist_ok=True)
 
-    runners, onnx_files = {}, {}  # (model, runtime) -> runner
-    for name in args.models:
-        if "onnx" in backends:
-            onnx_files[name] = export(name, "onnx", out, args.imgsz)
-            runners[name, "onnx"] = OnnxRunner(onnx_files[name], args.imgsz, args.threads)
-            if name in GATHER:
-                path = export(name, "onnx", out, args.imgsz, sampler="gather")
-                runners[name, "onnx, sampler=gather"] = OnnxRunner(path, args.imgsz, args.threads)
-        if "openvino" in backends and name in OPENVINO:
-            folder = export(name, "openvino", out, args.imgsz)
-            runners[name, "openvino"] = OpenVinoRunner(folder, args.imgsz, args.threads)
-        if "torch" in backends:
-            for runtime in torch_runtimes():
-                runners[name, runtime] = TorchRunner(name, args.imgsz, half="fp16" in runtime)
+    from quick_checkpoints import ensure_checkpoints, quick_data
+
+    args.data = args.data or str(quick_data(out))
+    weights = dict.fromkeys(args.models)
+    if args.accuracy:
+        if O2M & set(args.models):
+            parser.error("--accuracy: deim-n-o2m has no quick-set checkpoint here; leave it out")
+        weights = ensure_checkpoints({name: MODELS[name] for name in args.models}, out / "checkpoints")
+    runners, onnx_files = build_runners(args, weights, out)
     if args.authors:
         runners["the authors' deim-n", "onnx"] = OnnxRunner(args.authors, args.imgsz, args.threads)
     else:
         print("no --authors export given: the authors' DEIM-N row is not measured")
-    if "torch" in backends and not torch.cuda.is_available():
+    if "torch" in args.backends and not torch.cuda.is_available():
         print("no CUDA device: PyTorch runs on the CPU in fp32 only")
 
-    times = defaultdict(list)
-    for run in runners.values():  # warm-up: first runs allocate and tune
-        for _ in range(3):
-            run()
-    for _ in range(args.rounds):
-        for key, run in runners.items():
-            for _ in range(args.runs):
-                start = time.perf_counter()
-                run()
-                times[key].append((time.perf_counter() - start) * 1000)
+    load_before = os.getloadavg()
+    rows = summarise(time_interleaved(runners, args.rounds, args.runs))
+    load_after = os.getloadavg()
+    if args.accuracy:
+        for row in rows:
+            if row["model"] in weights and "gather" not in row["runtime"]:
+                row["map"] = quick_map(row["model"], row["runtime"], weights[row["model"]], args.data, out)
 
-    medians = {key: statistics.median(values) for key, values in times.items()}
     print(f"\nbatch 1, {args.imgsz} px, {args.threads} threads, {args.rounds} rounds x {args.runs} runs, interleaved")
-    print("| model | runtime | median ms | / our DEIM-N, same runtime |")
-    print("|---|---|---|---|")
-    for (name, runtime), median in medians.items():
-        base = medians.get(("deim-n", runtime.replace(", sampler=gather", "")))
-        ratio = f"{median / base:.2f}" if base else "-"
-        print(f"| {name} | {runtime} | {median:.1f} | {ratio} |")
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
+    print("| model | runtime | median ms | / our DEIM-N, same runtime | per-round min-max | mAP50-95 quick set |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f}" if "ratio" in r else "- | -"
+        accuracy = f"{r['map']:.3f}" if r.get("map") is not None else "-"
+        print(f"| {r['model']} | {r['runtime']} | {r['ms']:.1f} | {ratio} | {accuracy} |")
+    with open(out / "latency.csv", "w", newline="") as f:
+        fields = ["model", "runtime", "ms", "ratio", "ratio_min", "ratio_max", "map"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out / 'latency.csv'}")
+    if args.accuracy:
+        title = f"batch 1, {args.imgsz} px, {args.threads} CPU threads; mAP at {QUICK_IMGSZ} px on the quick set"
+        plot(rows, out / "pareto.png", title)
+        print(f"wrote {out / 'pareto.png'}")
 
     if args.profile:
-        graphs = {"ours": onnx_files.get("deim-n") or export("deim-n", "onnx", out, args.imgsz)}
+        ours = onnx_files.get("deim-n") or export("deim-n", weights.get("deim-n"), out, args.imgsz, format="onnx")
+        graphs = {"ours": ours}
         if args.authors:
             graphs["authors'"] = args.authors
-        parts = {who: profile(path, args.imgsz, args.threads, runs=20) for who, path in graphs.items()}
-        print("\nONNX Runtime profile of DEIM-N, mean ms per inference by part (kernel time only)")
-        print("| part | " + " | ".join(parts) + " |")
-        print("|---|" + "---|" * len(parts))
-        for name in dict.fromkeys(k for p in parts.values() for k in p):
-            print(f"| {name} | " + " | ".join(f"{p.get(name, 0.0):.2f}" for p in parts.values()) + " |")
-        print("| total | " + " | ".join(f"{sum(p.values()):.2f}" for p in parts.values()) + " |")
+        print_profile(profile(graphs, args.imgsz, args.threads, runs=40))
 
 
 if __name__ == "__main__":

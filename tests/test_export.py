@@ -107,6 +107,21 @@ def test_gather_sampler_has_no_grid_sample_and_the_same_outputs(exports, easy_da
         assert matched_difference(out["gather"][i], out["grid_sample"][i]) <= 1e-5
 
 
+def test_sampling_points_need_no_broadcast_over_coordinate_pairs(exports):
+    """The cross-attention builds its sampling points without an elementwise op broadcasting over trailing (x, y)
+    pairs: ONNX Runtime's CPU kernels take ~0.3 ms for each such op at 300 queries, three per decoder layer, 7% of
+    DEIM-N's latency (docs/benchmarks.md)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(exports["grid_sample"])))
+    shapes = {v.name: [d.dim_value or -1 for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    shapes.update({t.name: list(t.dims) for t in model.graph.initializer})
+    elementwise = [n for n in model.graph.node if "cross_attn" in n.name and n.op_type in {"Add", "Sub", "Mul", "Div"}]
+    assert len(elementwise) >= 3  # the points' arithmetic and the weighting of the samples, per layer
+    for node in elementwise:
+        a, b = (shapes[i] for i in node.input)  # KeyError: a shape inference could not follow
+        scalar = min(np.prod(a), np.prod(b)) == 1
+        assert a == b or scalar or 2 not in (a[-1], b[-1]), f"{node.name}: {a} with {b}"
+
+
 def test_openvino_export_matches_pytorch(easy_trained, easy_data, tmp_path):
     """Ultralytics' OpenVINO export of a DEIM model: the IR run at float32 equals PyTorch; `DEIM(folder)` predicts.
 
