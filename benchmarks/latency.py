@@ -8,10 +8,11 @@ Exports each model through its own Ultralytics exporter, once per runtime:
     torch           the PyTorch model itself, fused as Ultralytics' predictor runs it: fp32 and fp16 on a CUDA device,
                     fp32 on the CPU where there is none (in the default runtimes only where CUDA is)
 INT8 exports calibrate on `--data` (default: the quick set). Models: DEIM-N and DEIM-S (ONNX also with
-`sampler=gather`), DEIM-N trained with MS-DETR's mixed supervision (`deim-n-o2m`), DEIMv2 Atto, Pico, N and S (all at
-the same `--imgsz`, though Atto's and Femto's recipes train at 320 and 416), Ultralytics YOLO11n / YOLO11s, YOLO26n /
-YOLO26s and RT-DETR-l; OpenVINO and INT8 rows for the small models. With `--authors` also the authors' own DEIM-N
-deploy export (built from their code outside this repository, see ../shared/reference/README.md).
+`sampler=gather`, and DEIM-N with `dynamic=True`), DEIM-N trained with MS-DETR's mixed supervision (`deim-n-o2m`),
+DEIMv2 Atto, Pico, N and S (all at the same `--imgsz`, though Atto's and Femto's recipes train at 320 and 416),
+Ultralytics YOLO11n / YOLO11s, YOLO26n / YOLO26s and RT-DETR-l; OpenVINO and INT8 rows for the small models. With
+`--authors` also the authors' own DEIM-N deploy export (built from their code outside this repository, see
+../shared/reference/README.md).
 
 Timing: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike. Prints
 per model and runtime the median ms, its ratio to our DEIM-N on the same runtime, and the spread of that ratio over the
@@ -64,7 +65,8 @@ MODELS = {
     "rtdetr-l": "rtdetr-l.yaml",
 }
 SMALL = {"deim-n", "deim-s", "deim-n-o2m", "deimv2-atto", "deimv2-pico", "deimv2-n", "deimv2-s", "yolo11n", "yolo26n"}
-GATHER = {"deim-n", "deim-s"}
+# ONNX variants timed beside the default export: the GridSample-free sampler, and one graph for any batch size.
+ONNX_VARIANTS = {"deim-n": [{"sampler": "gather"}, {"dynamic": True}], "deim-s": [{"sampler": "gather"}]}
 O2M = {"deim-n-o2m"}  # built with `o2m: true` added to the YAML
 # runtime: (Ultralytics export arguments, models exported for it)
 RUNTIMES = {
@@ -273,7 +275,7 @@ def summarise(times: dict[tuple[str, str], list[list[float]]]) -> list[dict]:
     rows = []
     for (name, runtime), rounds in times.items():
         row = dict(model=name, runtime=runtime, ms=statistics.median(t for r in rounds for t in r))
-        base = times.get(("deim-n", runtime.replace(", sampler=gather", "")))
+        base = times.get(("deim-n", runtime.split(",")[0]))
         if base:
             ratios = [statistics.median(r) / statistics.median(b) for r, b in zip(rounds, base)]
             base_ms = statistics.median(t for r in base for t in r)
@@ -341,9 +343,10 @@ def build_runners(args, weights: dict[str, Path | None], out: Path) -> tuple[dic
                 runners[name, runtime] = OnnxRunner(path, args.imgsz, args.threads)
                 if runtime == "onnx":
                     onnx_files[name] = path
-                if runtime == "onnx" and name in GATHER:
-                    path = export(name, weights[name], out, args.imgsz, sampler="gather", format="onnx")
-                    runners[name, "onnx, sampler=gather"] = OnnxRunner(path, args.imgsz, args.threads)
+                for variant in ONNX_VARIANTS.get(name, []) if runtime == "onnx" else []:
+                    path = export(name, weights[name], out, args.imgsz, format="onnx", **variant)
+                    label = ", ".join(f"{k}={v}" for k, v in variant.items())
+                    runners[name, f"onnx, {label}"] = OnnxRunner(path, args.imgsz, args.threads)
             else:
                 runners[name, runtime] = OpenVinoRunner(path, args.imgsz, args.threads)
     return runners, onnx_files
@@ -392,7 +395,7 @@ def main() -> None:
     load_after = os.getloadavg()
     if args.accuracy:
         for row in rows:
-            if row["model"] in weights and "gather" not in row["runtime"]:
+            if row["model"] in weights and "," not in row["runtime"]:  # variants: the same numbers
                 row["map"] = quick_map(row["model"], row["runtime"], weights[row["model"]], args.data, out)
 
     print(f"\nbatch 1, {args.imgsz} px, {args.threads} threads, {args.rounds} rounds x {args.runs} runs, interleaved")

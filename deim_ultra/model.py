@@ -18,6 +18,7 @@ from deim_ultra.cfg import DEFAULT_MODEL, DEIM_CFG_DICT, resolve_data_yaml, reso
 from deim_ultra.checkpoints.backbone import is_backbone_file, weights_dir
 from deim_ultra.checkpoints.safety import check_checkpoint
 from deim_ultra.checkpoints.zoo import HF_WEIGHTS, ZOO, pretrained_path
+from deim_ultra.export_options import with_calibration_data
 from deim_ultra.nn.deformable_attention import SAMPLERS, MSDeformableAttention
 from deim_ultra.nn.tasks import build_detection_model
 from deim_ultra.train import DEIMTrainer, check_resumable
@@ -194,7 +195,10 @@ class DEIM(Model):
     def export(self, **kwargs: Any) -> str:
         """Export; see Ultralytics' `Model.export`. DEIM adds `sampler`: "grid_sample" (default) or "gather", which
         builds the deformable attention from gathers only, for runtimes without a GridSample operator (TFLite, EdgeTPU,
-        RKNN, some NPUs); both give the same outputs (see `deim_ultra.nn.deformable_attention.bilinear_gather`)."""
+        RKNN, some NPUs); both give the same outputs (see `deim_ultra.nn.deformable_attention.bilinear_gather`).
+        Static INT8 (`quantize=8`) without `data` calibrates on the checkpoint's training data (see
+        `deim_ultra.export_options.with_calibration_data`)."""
+        kwargs = with_calibration_data(kwargs, (self.ckpt or {}).get("train_args"))
         sampler = kwargs.pop("sampler", DEIM_CFG_DICT["sampler"])
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}: choose one of {', '.join(SAMPLERS)}")

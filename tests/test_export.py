@@ -146,3 +146,29 @@ def test_openvino_export_matches_pytorch(easy_trained, easy_data, tmp_path):
     ours = DEIM(easy_trained).predict(image, imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)[0].boxes
     theirs = DEIM(folder).predict(image, imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)[0].boxes
     assert len(theirs) == 5 and np.abs(theirs.conf.numpy() - ours.conf.numpy()).max() <= 0.05
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_export_calibrates_on_the_training_data_and_keeps_the_map(fmt, easy_trained, easy_data, tmp_path):
+    """`quantize=8` without `data`: calibrated on the data the checkpoint trained on (Ultralytics would fetch COCO8,
+    offline here), quantized for real, and scoring like the float model (ONNX Runtime's static quantization of the
+    matmuls and convs; OpenVINO's NNCF with the sigmoids in float). Accuracy on a trained model: docs/benchmarks.md."""
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(easy_trained.read_bytes())
+    exported = Path(DEIM(weights).export(format=fmt, quantize=8, imgsz=IMGSZ))
+    assert "int8" in exported.name
+    if fmt == "onnx":
+        assert Counter(n.op_type for n in onnx.load(str(exported)).graph.node)["QuantizeLinear"] > 0
+    else:
+        assert "FakeQuantize" in (next(exported.glob("*.xml"))).read_text()
+    image = str(sorted((easy_data.parent / "images" / "val").glob("*.png"))[0])
+    settings = dict(imgsz=IMGSZ, conf=0.0, max_det=5, verbose=False)
+    full, quantized = (DEIM(m).predict(image, **settings)[0].boxes for m in (weights, exported))
+    assert len(quantized) == 5 and np.abs(quantized.conf.numpy() - full.conf.numpy()).max() <= 0.1
+
+
+def test_int8_export_without_data_or_training_data_is_refused(tmp_path):
+    weights = tmp_path / "untrained.pt"
+    DEIM("deim-n.yaml").save(weights)
+    with pytest.raises(ValueError, match=r"data=<your data.yaml>"):
+        DEIM(weights).export(format="onnx", int8=True, imgsz=IMGSZ)

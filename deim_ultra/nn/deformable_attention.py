@@ -163,8 +163,9 @@ class MSDeformableAttention(nn.Module):
         # grid_sample's [-1, 1] coordinates, 2 * (centre + offset * size * offset_scale / points_of_level) - 1, with the
         # box spread to the offsets' layout by two small matmuls: broadcasting (B, Q, 1, 2) boxes over runs of 2 values
         # instead cost ONNX Runtime's CPU kernels ~0.3 ms per product at 300 queries (a quarter of a DEIM-N decoder
-        # layer); each output of these matmuls is a single product, so the numbers are those of the broadcast. (The
-        # -1 goes before the matmul: a constant added after it reads to NNCF's INT8 calibration as a bias to correct.)
+        # layer); each output of these matmuls is a single product, so the numbers are those of the broadcast. The -1
+        # comes as 2 * (centre - 0.5): a constant added after a matmul reads to NNCF's INT8 calibration as a bias of
+        # the matmul's width, and its bias correction then fails.
         size_map, centre_map = self._coordinate_maps(offsets.dtype)
         grids = offsets * (reference[..., 2:] @ size_map) + (reference[..., :2] - 0.5) @ centre_map
         grids = grids.reshape(b, q, n, p, 2).transpose(1, 2).flatten(0, 1)  # (B * nhead, Q, P, 2)
@@ -176,4 +177,4 @@ class MSDeformableAttention(nn.Module):
         eye = torch.eye(2, dtype=dtype, device=self.num_points_scale.device)
         factors = self.num_points_scale.to(dtype).repeat(self.nhead) * (2 * self.offset_scale)  # (nhead * P,)
         size_map = (factors[:, None, None] * eye).transpose(0, 1).flatten(1)  # [d, (j, d')] = factor_j if d == d'
-        return size_map, 2 * eye.repeat(1, len(factors))
+        return size_map, 2 * eye.repeat(1, self.nhead * sum(self.num_points))
