@@ -12,7 +12,7 @@ INT8 exports calibrate on `--data` (default: the quick set). Models: DEIM-N and 
 DEIMv2 Atto, Pico, N and S (all at the same `--imgsz`, though Atto's and Femto's recipes train at 320 and 416),
 Ultralytics YOLO11n / YOLO11s, YOLO26n / YOLO26s and RT-DETR-l; OpenVINO and INT8 rows for the small models. With
 `--authors` also the authors' own DEIM-N deploy export (built from their code outside this repository, see
-../shared/reference/README.md).
+../shared/reference/README.md), and with `--compare` any other ONNX graphs.
 
 Timing: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike. Prints
 per model and runtime the median ms, its ratio to our DEIM-N on the same runtime, and the spread of that ratio over the
@@ -25,8 +25,8 @@ exports of those weights, and measures mAP50-95 on the quick set's val split for
 checkpoint exported once more at the quick set's 128 px, validated by Ultralytics as a user would (`model.val`; here
 OpenVINO too is held to float32). Writes `latency.csv` and `pareto.png` (mAP50-95 against latency, one colour per
 runtime, the accuracy-latency front drawn) into `--out`.
-`--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export (per-node medians
-over interleaved runs), by part of the network and by operator type.
+`--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export and the `--compare`
+graphs (per-node medians over interleaved runs), by part of the network and by operator type.
 
     python benchmarks/latency.py --authors /tmp/authors_export/deim_n_640.onnx --profile --models deim-n yolo11n
     python benchmarks/latency.py --accuracy --models deim-n deim-s deimv2-atto deimv2-pico deimv2-n yolo11n yolo26n
@@ -359,6 +359,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--backends", nargs="+", choices=[*RUNTIMES, "torch"], default=None)
     parser.add_argument("--authors", type=Path, help="the authors' DEIM-N ONNX export (their deploy graph)")
+    parser.add_argument(
+        "--compare", nargs="+", default=[], metavar="LABEL=ONNX",
+        help="more ONNX graphs timed beside ours, e.g. an export made at an earlier commit",
+    )  # fmt: skip
     parser.add_argument("--accuracy", action="store_true", help="time quick-set checkpoints and measure their mAP")
     parser.add_argument("--data", default=None, help="INT8 calibration data (default: the quick set)")
     parser.add_argument("--imgsz", type=int, default=640)
@@ -387,6 +391,8 @@ def main() -> None:
         runners["the authors' deim-n", "onnx"] = OnnxRunner(args.authors, args.imgsz, args.threads)
     else:
         print("no --authors export given: the authors' DEIM-N row is not measured")
+    for label, path in (item.split("=", 1) for item in args.compare):
+        runners[label, "onnx"] = OnnxRunner(Path(path), args.imgsz, args.threads)
     if "torch" in args.backends and not torch.cuda.is_available():
         print("no CUDA device: PyTorch runs on the CPU in fp32 only")
 
@@ -422,6 +428,7 @@ def main() -> None:
         graphs = {"ours": ours}
         if args.authors:
             graphs["authors'"] = args.authors
+        graphs.update((label, Path(path)) for label, path in (item.split("=", 1) for item in args.compare))
         print_profile(profile(graphs, args.imgsz, args.threads, runs=40))
 
 
