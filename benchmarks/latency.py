@@ -294,27 +294,35 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+MARKERS = {"onnx": "o", "onnx-int8": "^", "openvino": "s", "openvino-int8": "D"}
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """mAP50-95 against median latency, one colour per runtime, each point named, the front over all drawn."""
+    """mAP50-95 against median latency: a colour per model, a marker per runtime, the front over all points drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    rows = [r for r in rows if r.get("map") is not None]
+    rows = [r for r in rows if r.get("map") not in (None, "")]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    colours = dict(zip(models, plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for runtime in dict.fromkeys(r["runtime"] for r in rows):
-        points = [r for r in rows if r["runtime"] == runtime]
-        ax.scatter([r["ms"] for r in points], [r["map"] for r in points], label=runtime, s=36)
-        for r in points:
-            ax.annotate(r["model"], (r["ms"], r["map"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    front = pareto_front([(r["ms"], r["map"]) for r in rows])
-    ax.plot(*zip(*front), "k--", lw=0.8, alpha=0.6, label="front (faster and better than the rest)")
+    for r in rows:
+        marker = MARKERS.get(r["runtime"], "x")
+        ax.scatter(float(r["ms"]), float(r["map"]), color=colours[r["model"]], marker=marker, s=46, zorder=3)
+    front = pareto_front([(float(r["ms"]), float(r["map"])) for r in rows])
+    ax.plot(*zip(*front), "k--", lw=0.8, alpha=0.5, zorder=2)
+    handles = [Line2D([], [], ls="", marker="o", color=colours[m], label=m) for m in models]
+    handles += [Line2D([], [], ls="", marker=MARKERS.get(t, "x"), color="grey", label=t) for t in runtimes]
+    handles.append(Line2D([], [], ls="--", color="k", alpha=0.5, label="front: nothing faster is as accurate"))
+    ax.legend(handles=handles, fontsize=8, loc="lower right", ncol=2)
     ax.set_xlabel("latency, median ms per image")
     ax.set_ylabel("mAP50-95, quick set")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -371,7 +379,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--from-csv", type=Path, help="only redraw pareto.png (beside it) from an earlier latency.csv")
+    parser.add_argument("--title", default=None, help="the plot's title (default: the run's settings)")
     args = parser.parse_args()
+    title = args.title or (
+        f"batch 1, {args.imgsz} px, {args.threads} CPU threads; mAP at {QUICK_IMGSZ} px on the quick set (32 epochs "
+        "from scratch)"
+    )
+    if args.from_csv:
+        with open(args.from_csv) as f:
+            plot(list(csv.DictReader(f)), args.from_csv.with_name("pareto.png"), title)
+        print(f"wrote {args.from_csv.with_name('pareto.png')}")
+        return
     args.backends = args.backends or ["onnx", "openvino"] + (["torch"] if torch.cuda.is_available() else [])
     os.environ.setdefault("YOLO_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -419,7 +438,6 @@ def main() -> None:
         writer.writerows(rows)
     print(f"wrote {out / 'latency.csv'}")
     if args.accuracy:
-        title = f"batch 1, {args.imgsz} px, {args.threads} CPU threads; mAP at {QUICK_IMGSZ} px on the quick set"
         plot(rows, out / "pareto.png", title)
         print(f"wrote {out / 'pareto.png'}")
 
