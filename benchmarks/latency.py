@@ -9,10 +9,10 @@ Exports each model through its own Ultralytics exporter, once per runtime:
                     fp32 on the CPU where there is none (in the default runtimes only where CUDA is)
 INT8 exports calibrate on `--data` (default: the quick set). Models: DEIM-N and DEIM-S (ONNX also with
 `sampler=gather`, and DEIM-N with `dynamic=True`), DEIM-N trained with MS-DETR's mixed supervision (`deim-n-o2m`),
-DEIMv2 Atto, Pico, N and S (all at the same `--imgsz`, though Atto's and Femto's recipes train at 320 and 416),
+DEIMv2 Atto, Pico, N and S (all at the same `--imgsz`, though Atto's recipe trains at 320),
 Ultralytics YOLO11n / YOLO11s, YOLO26n / YOLO26s and RT-DETR-l; OpenVINO and INT8 rows for the small models. With
-`--authors` also the authors' own DEIM-N deploy export (built from their code outside this repository, see
-../shared/reference/README.md), and with `--compare` any other ONNX graphs.
+`--authors` also the authors' own DEIM-N deploy export (built from their code outside this repository; how: the
+section on it in docs/benchmarks.md), and with `--compare` any other ONNX graphs.
 
 Timing: `--rounds` rounds, each running every model `--runs` times in turn, so machine noise hits all alike. Prints
 per model and runtime the median ms, its ratio to our DEIM-N on the same runtime, and the spread of that ratio over the
@@ -23,8 +23,8 @@ rounds (min-max of the per-round ratios), and the machine's load average before 
 `--accuracy` first trains (or reuses, see quick_checkpoints.py) one checkpoint per model on the quick set, times
 exports of those weights, and measures mAP50-95 on the quick set's val split for every model and runtime: the
 checkpoint exported once more at the quick set's 128 px, validated by Ultralytics as a user would (`model.val`; here
-OpenVINO too is held to float32). Writes `latency.csv` and `pareto.png` (mAP50-95 against latency, one colour per
-runtime, the accuracy-latency front drawn) into `--out`.
+OpenVINO too is held to float32). Writes `latency.csv` and `pareto.png` (mAP50-95 against latency, a colour per
+model and a marker per runtime, the accuracy-latency front drawn) into `--out`.
 `--profile` adds ONNX Runtime's per-node profile of our DEIM-N and, if given, the authors' export and the `--compare`
 graphs (per-node medians over interleaved runs), by part of the network and by operator type.
 
@@ -120,6 +120,7 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.enable_profiling = profile
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "deim-latency-profile")  # not the cwd
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.feed = {}
         for i in self.session.get_inputs():

@@ -23,7 +23,8 @@ def calibrates(kwargs: dict[str, Any]) -> bool:
 
 
 def with_calibration_data(kwargs: dict[str, Any], train_args: dict[str, Any] | None) -> dict[str, Any]:
-    """`kwargs` with `data` for a static INT8 export: as given, else the dataset the checkpoint trained on.
+    """`kwargs` with `data` for a static INT8 export: as given (a shipped name resolved), else the dataset the
+    checkpoint trained on.
 
     Ultralytics falls back to COCO8 (a download, and images of other classes than the model's); a model fine-tuned
     on its own data is better calibrated on that data, and without any a clear error beats a COCO8 download.
@@ -31,7 +32,9 @@ def with_calibration_data(kwargs: dict[str, Any], train_args: dict[str, Any] | N
     Raises:
         ValueError: INT8 asked for, no `data` given, and the checkpoint names no training data that still exists.
     """
-    if not calibrates(kwargs) or kwargs.get("data"):
+    if kwargs.get("data"):
+        return {**kwargs, "data": str(resolve_data_yaml(kwargs["data"]))}  # shipped names, as train and val take them
+    if not calibrates(kwargs):
         return kwargs
     data = (train_args or {}).get("data")
     if not data or not Path(str(resolve_data_yaml(data))).exists():

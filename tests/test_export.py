@@ -149,7 +149,7 @@ def test_openvino_export_matches_pytorch(easy_trained, easy_data, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-def test_int8_export_calibrates_on_the_training_data_and_keeps_the_map(fmt, easy_trained, easy_data, tmp_path):
+def test_int8_export_calibrates_on_the_training_data_and_scores_like_float(fmt, easy_trained, easy_data, tmp_path):
     """`quantize=8` without `data`: calibrated on the data the checkpoint trained on (Ultralytics would fetch COCO8,
     offline here), quantized for real, and scoring like the float model (ONNX Runtime's static quantization of the
     matmuls and convs; OpenVINO's NNCF with the sigmoids in float). Accuracy on a trained model: docs/benchmarks.md."""
@@ -172,3 +172,12 @@ def test_int8_export_without_data_or_training_data_is_refused(tmp_path):
     DEIM("deim-n.yaml").save(weights)
     with pytest.raises(ValueError, match=r"data=<your data.yaml>"):
         DEIM(weights).export(format="onnx", int8=True, imgsz=IMGSZ)
+
+
+def test_int8_export_calibrates_on_a_shipped_dataset_by_name(easy_trained, tmp_path):
+    """`data=shapes.yaml` names a dataset that ships with the package, as `train` and `val` take it."""
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(easy_trained.read_bytes())
+    exported = Path(DEIM(weights).export(format="onnx", quantize=8, data="shapes.yaml", imgsz=IMGSZ))
+    assert exported.name == "best_int8.onnx"
+    assert Counter(n.op_type for n in onnx.load(str(exported)).graph.node)["QuantizeLinear"] > 0
