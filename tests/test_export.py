@@ -109,7 +109,7 @@ def test_gather_sampler_has_no_grid_sample_and_the_same_outputs(exports, easy_da
 
 def test_sampling_points_need_no_broadcast_over_coordinate_pairs(exports):
     """The cross-attention builds its sampling points without an elementwise op broadcasting over trailing (x, y)
-    pairs: ONNX Runtime's CPU kernels take ~0.3 ms for each such op at 300 queries, three per decoder layer, 7% of
+    pairs: ONNX Runtime's CPU kernels take ~0.3 ms for each such op at 300 queries, three per decoder layer, 5% of
     DEIM-N's latency (docs/benchmarks.md)."""
     model = onnx.shape_inference.infer_shapes(onnx.load(str(exports["grid_sample"])))
     shapes = {v.name: [d.dim_value or -1 for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
