@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from quick_checkpoints import ensure_checkpoints, model_class, quick_data
 
 # name: YAML; "deim" models load with DEIM, the others with Ultralytics' own classes.
 MODELS = {
@@ -76,15 +77,6 @@ RUNTIMES = {
     "openvino-int8": ({"format": "openvino", "quantize": 8}, SMALL),
 }
 QUICK_IMGSZ = 128  # the quick set's image size (convergence.py's QUICK_DATA)
-
-
-def model_class(name: str) -> type:
-    """DEIM for deim* names, Ultralytics' RTDETR or YOLO for the others."""
-    from ultralytics import RTDETR, YOLO
-
-    from deim_ultra import DEIM
-
-    return DEIM if name.startswith("deim") else RTDETR if name.startswith("rtdetr") else YOLO
 
 
 def model_yaml(name: str, folder: Path) -> str:
@@ -397,8 +389,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = (args.out or Path(tempfile.mkdtemp(prefix="deim-latency-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
-
-    from quick_checkpoints import ensure_checkpoints, quick_data
 
     args.data = args.data or str(quick_data(out))
     weights = dict.fromkeys(args.models)

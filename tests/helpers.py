@@ -18,6 +18,14 @@ def deim_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Compl
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+def run_safe_loaded(script: str) -> None:
+    """Run `script` in a fresh Python with ULTRALYTICS_SAFE_LOAD=1 (weights-only unpickling with an allow-list);
+    fail with its stderr if it fails."""
+    env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def official_state(stem: nn.Module, stages: list[nn.Module], prefix: str = "") -> dict[str, torch.Tensor]:
     """The modules' state under the official names: ``{prefix}stem.*`` and ``{prefix}stages.<i>.*``."""
     state = {f"{prefix}stem.{k}": v for k, v in stem.state_dict().items()}

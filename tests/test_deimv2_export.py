@@ -15,6 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from deim_ultra import DEIM, convert_official
 
 from fixture_weights import fixture_state
+from helpers import run_safe_loaded
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IMGSZ = 320
@@ -108,10 +109,6 @@ def test_stock_ultralytics_reads_the_checkpoint_and_its_export_as_rtdetr(checkpo
 
 def test_ultralytics_safe_load_accepts_deimv2_checkpoints(checkpoint, tmp_path):
     """ULTRALYTICS_SAFE_LOAD=1 (weights-only unpickling with an allow-list) loads DEIMv2's layers too."""
-    import os
-    import subprocess
-    import sys
-
     path, x = checkpoint
     torch.save(x[:1], tmp_path / "x.pt")
     script = (
@@ -119,9 +116,7 @@ def test_ultralytics_safe_load_accepts_deimv2_checkpoints(checkpoint, tmp_path):
         f"m = DEIM(r'{path}').model.float().eval(); "
         f"torch.save(m(torch.load(r'{tmp_path / 'x.pt'}'))[0], r'{tmp_path / 'y.pt'}')"
     )
-    env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": "1"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_safe_loaded(script)
     with torch.no_grad():
         expected = DEIM(path).model.float().eval()(x[:1])[0]
     got = torch.load(tmp_path / "y.pt").detach().numpy()

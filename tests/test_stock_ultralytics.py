@@ -11,7 +11,7 @@ from ultralytics import YOLO
 
 from deim_ultra import DEIM
 
-from helpers import EASY_IMGSZ
+from helpers import EASY_IMGSZ, run_safe_loaded
 
 
 def yolo_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -70,9 +70,7 @@ def test_ultralytics_safe_load_accepts_deim_checkpoints(easy_trained, easy_data,
         f"r = DEIM(r'{easy_trained}').predict(r'{image}', imgsz={EASY_IMGSZ}, conf=0.001, verbose=False)[0]; "
         f"torch.save(r.boxes.data, r'{tmp_path / 'boxes.pt'}')"
     )
-    env = {**os.environ, "ULTRALYTICS_SAFE_LOAD": "1"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_safe_loaded(script)
     ours = DEIM(easy_trained).predict(image, imgsz=EASY_IMGSZ, conf=0.001, verbose=False)[0].boxes.data
     assert len(ours) > 0 and torch.equal(torch.load(tmp_path / "boxes.pt"), ours)
 
